@@ -1,0 +1,28 @@
+# Setup and entry points. `make test` and `make demo` install everything they need on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0 lies on this machine's disk; a GPU machine brings its own torch (>= 2.11).
+TORCH_SPEC ?= torch==2.13.0 triton==3.7.1
+
+.PHONY: install test test-fast demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev,s3,dagster]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/k2batch demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,40 @@
+"""Engine and sampling settings: what the engine is built with, and what each request asks for."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How the offline engine runs: slots, prefill chunking, KV cache size, device."""
+
+    max_num_seqs: int = 64
+    """Decode slots: sequences decoded together in one forward (static batch)."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one forward: prefill chunks plus decode tokens."""
+    block_size: int = 16
+    """Tokens per KV-cache block (and the granularity of the prefix cache)."""
+    kv_cache_gib: float = 1.0
+    """Memory for the paged latent KV cache; the number of blocks follows from the model's layer sizes."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks; overrides kv_cache_gib (tests use tiny caches to force preemption)."""
+    max_model_len: int | None = None
+    """Context length; defaults to the model's max_position_embeddings."""
+    enable_prefix_caching: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    show_progress: bool = False
+
+
+class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Per-request decoding: greedy when temperature is 0."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
