@@ -1,0 +1,275 @@
+"""The offline engine loop: add requests, schedule a step, run the model, sample, finish sequences."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from k2batch.engine.block_manager import BlockManager
+from k2batch.engine.config import EngineConfig, SamplingParams
+from k2batch.engine.model_runner import ModelRunner, kv_block_bytes
+from k2batch.engine.sampler import sample
+from k2batch.engine.scheduler import Scheduler
+from k2batch.engine.sequence import RequestOutput, Sequence, Status
+from k2batch.model import K2ForCausalLM, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    """Prompt tokens run through the model (prefix-cache hits and carried-over context excluded)."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache or carried over from a continued request."""
+    decode_tokens: int = 0
+    preemptions: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, model: K2ForCausalLM, config: EngineConfig = EngineConfig(), tokenizer=None):
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        c = model.config
+        self.max_model_len = config.max_model_len or c.max_position_embeddings
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            num_blocks = max(1, int(config.kv_cache_gib * 2**30) // kv_block_bytes(model, config.block_size))
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(model, config, num_blocks)
+        eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(t for t in eos if t is not None)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._finished: list[RequestOutput] = []
+        self._default_rng = torch.Generator().manual_seed(0)
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: EngineConfig = EngineConfig()) -> Engine:
+        model = load_model(path, dtype=config.dtype, device=config.device)
+        return cls(model, config, _load_tokenizer_if_present(path))
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    # -- incremental API (agent loops) -------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams = SamplingParams(),
+        *,
+        request_id: str | None = None,
+        keep_kv: bool = False,
+        continue_from: str | None = None,
+    ) -> str:
+        """Queue a request. `keep_kv` pins its KV blocks after it finishes; `continue_from` names such a pinned
+        request whose tokens this prompt extends, so only the new tokens are prefilled."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        prompt_ids = self._encode(prompt)
+        seq = Sequence(request_id, prompt_ids, params, keep_kv=keep_kv)
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._default_rng))
+            seq.generator = torch.Generator().manual_seed(seed)
+        error = self._check(prompt_ids)
+        if error:
+            if continue_from:
+                self.release(continue_from)
+            self._finished.append(RequestOutput(request_id, prompt_ids, [], "error", error=error))
+            return request_id
+        if continue_from:
+            old = self.scheduler.kept.pop(continue_from, None)
+            if old is not None:
+                if prompt_ids[: old.num_computed] == old.tokens[: old.num_computed]:
+                    self.blocks.transfer(old, seq)
+                    seq.num_cached_prompt = seq.num_computed
+                else:
+                    self.blocks.free(old)
+        self.scheduler.add(seq)
+        return request_id
+
+    def release(self, request_id: str) -> None:
+        """Unpin a kept request's KV (its full blocks stay in the prefix cache until evicted)."""
+        self.scheduler.release(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._finished)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward; return the requests that finished (or were rejected) since the last step."""
+        batch, unfit = self.scheduler.schedule()
+        for seq in unfit:
+            cap = self.blocks.num_blocks * self.config.block_size
+            self._finished.append(self._output(seq, "error", f"request needs {len(seq)} tokens of KV cache, the cache holds {cap}"))
+        if batch:
+            self._run(batch)
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> None:
+        started = time.perf_counter()
+        for seq, _ in batch:
+            if seq.num_prefilled == 0 and seq.num_cached_prompt == 0 and seq.num_computed:
+                seq.num_cached_prompt = seq.num_computed  # prefix-cache hit at admission
+        # A decode token is the one just sampled; everything else run through the model is prefill.
+        prefill = sum(
+            q_len for seq, q_len in batch if not (q_len == 1 and seq.output_ids and seq.num_computed == len(seq) - 1)
+        )
+        logits = self.runner.run(batch)
+        ready = []
+        for i, (seq, q_len) in enumerate(batch):
+            seq.num_computed += q_len
+            seq.num_prefilled += q_len
+            if seq.num_computed == len(seq):
+                ready.append(i)
+        elapsed = time.perf_counter() - started
+        self.stats.prefill_tokens += prefill
+        if prefill:
+            self.stats.prefill_s += elapsed
+        else:
+            self.stats.decode_s += elapsed
+        self.stats.steps += 1
+        if not ready:
+            return
+        seqs = [batch[i][0] for i in ready]
+        tokens, logprobs = sample(logits[ready], seqs)
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            seq.output_ids.append(token)
+            if seq.params.logprobs:
+                seq.logprobs.append(logprob)
+            self.stats.decode_tokens += 1
+            reason = self._stop_reason(seq, token)
+            if reason:
+                self._finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            tail = self.tokenizer.decode(seq.output_ids[-(max(len(s) for s in p.stop) + 8) :])
+            if any(s in tail for s in p.stop):
+                return "stop"
+        if len(seq.output_ids) >= p.max_new_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq)
+        self.stats.cached_tokens += seq.num_cached_prompt
+        self.stats.preemptions = self.scheduler.num_preemptions
+        if seq.keep_kv:
+            seq.num_computed = len(seq) - 1  # the last sampled token has not been through the model yet
+            self.scheduler.keep(seq)
+        else:
+            self.blocks.free(seq)
+        self._finished.append(self._output(seq, reason))
+
+    def _output(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None and seq.output_ids:
+            text = self.tokenizer.decode(seq.output_ids)
+            if seq.params.stop and reason == "stop":
+                cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
+                text = text[:cut] if cut >= 0 else text
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt_ids,
+            list(seq.output_ids),
+            reason,
+            text=text,
+            error=error,
+            num_cached_tokens=seq.num_cached_prompt,
+            logprobs=list(seq.logprobs) if seq.params.logprobs else None,
+        )
+
+    def _encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this engine has none, so pass token ids")
+            return self.tokenizer.encode_chat(prompt)
+        return [int(t) for t in prompt]
+
+    def _check(self, ids: list[int]) -> str | None:
+        vocab = self.model.config.vocab_size
+        if not ids:
+            return "empty prompt"
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"token id {bad} is outside the vocabulary (size {vocab})"
+        if len(ids) >= self.max_model_len:
+            return f"prompt has {len(ids):,} tokens, context is {self.max_model_len:,}"
+        if -(-(len(ids) + 1) // self.config.block_size) > self.blocks.num_blocks:
+            return f"prompt has {len(ids):,} tokens, the KV cache holds {self.blocks.num_blocks * self.config.block_size:,}"
+        return None
+
+    # -- batch API ---------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+        *,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs in the order of `prompts`.
+
+        Requests are queued in token order, so prompts sharing a prefix run next to each other and the prefix
+        is prefilled once.
+        """
+        params_list = list(params) if not isinstance(params, SamplingParams) else [params] * len(prompts)
+        encoded = [self._encode(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: encoded[i])
+        ids = {}
+        for i in order:
+            ids[self.add_request(encoded[i], params_list[i], request_id=f"gen-{next(self._ids)}")] = i
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        show = self.config.show_progress if use_tqdm is None else use_tqdm
+        bar = tqdm(total=len(prompts), desc="generate", disable=not show, dynamic_ncols=True)
+        prefill0, decode0 = self.stats.prefill_tokens, self.stats.decode_tokens
+        t0 = time.perf_counter()
+        while self.has_unfinished():
+            for out in self.step():
+                results[ids[out.request_id]] = out
+                bar.update(1)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(
+                prefill_tok_s=f"{(self.stats.prefill_tokens - prefill0) / elapsed:.0f}",
+                decode_tok_s=f"{(self.stats.decode_tokens - decode0) / elapsed:.0f}",
+            )
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        cache = self.blocks.cache
+        if cache is None:
+            return {"hit_blocks": 0, "miss_blocks": 0, "cached_blocks": 0}
+        return {"hit_blocks": cache.hit_blocks, "miss_blocks": cache.miss_blocks, "cached_blocks": len(cache)}
+
+
+def _load_tokenizer_if_present(path: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    if not names & {"tokenizer.json", "tiktoken.model"}:
+        log.info("%s has no tokenizer files; the engine takes token ids only", path)
+        return None
+    from k2batch.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
