@@ -21,6 +21,10 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     max_model_len: int | None = None
     """Context length; defaults to the model's max_position_embeddings."""
     enable_prefix_caching: bool = True
+    dequantize_int4: bool = False
+    """Dequantize INT4 experts once at start (dense copies, ~4-8x their memory) instead of per use. For CPU
+    runs, where unpacking every touched expert on every step costs more than the matmuls; the GPU kernel reads
+    packed weights directly."""
     dtype: str = "float32"
     device: str = "cpu"
     show_progress: bool = False

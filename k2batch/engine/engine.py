@@ -18,6 +18,7 @@ from k2batch.engine.sampler import sample
 from k2batch.engine.scheduler import Scheduler
 from k2batch.engine.sequence import RequestOutput, Sequence, Status
 from k2batch.model import K2ForCausalLM, load_model
+from k2batch.model.layers import RoutedExperts
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class Engine:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
+        if config.dequantize_int4:
+            for module in model.modules():
+                if isinstance(module, RoutedExperts):
+                    module.dequantize_(model.dtype)
         c = model.config
         self.max_model_len = config.max_model_len or c.max_position_embeddings
         if config.num_kv_blocks is not None:

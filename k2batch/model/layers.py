@@ -156,6 +156,17 @@ class RoutedExperts(nn.Module):
             self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
             self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
+    def dequantize_(self, dtype: torch.dtype) -> None:
+        """Replace packed INT4 weights by dense `dtype` ones holding the same values (as rounded per use)."""
+        if not self.quantized:
+            return
+        w13, w2 = self.weights()
+        self.w13 = nn.Parameter(w13.dequantize(dtype), requires_grad=False)
+        self.w2 = nn.Parameter(w2.dequantize(dtype), requires_grad=False)
+        for name in ("w13_packed", "w13_scale", "w2_packed", "w2_scale"):
+            delattr(self, name)
+        self.quantized = False
+
     def weights(self) -> tuple[ExpertWeights, ExpertWeights]:
         if self.quantized:
             return Int4Weight(self.w13_packed, self.w13_scale), Int4Weight(self.w2_packed, self.w2_scale)

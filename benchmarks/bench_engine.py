@@ -1,0 +1,141 @@
+"""Offline throughput: transformers' batched generate vs the k2batch engine on the same random K2-shaped checkpoint.
+
+Both sides run in this process on the same weights (INT4 routed experts, dequantized for transformers) and the same
+ragged prompts, half of them sharing a long prefix. Prints output tokens/s of each, their ratio, and prefill tokens
+computed by the engine against the distinct prompt tokens (the trie minimum).
+
+    python benchmarks/bench_engine.py                      # the issue's setting: 256 requests, 128 new tokens
+    python benchmarks/bench_engine.py --requests 32 --new-tokens 16   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from k2batch.engine import Engine, EngineConfig, SamplingParams
+from k2batch.model import load_model
+from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
+
+K2_SHAPED = dict(
+    vocab_size=16384, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=8, n_shared_experts=1, n_routed_experts=64, kv_lora_rank=128,
+    q_lora_rank=192, qk_rope_head_dim=32, v_head_dim=64, qk_nope_head_dim=64, n_group=1, topk_group=1,
+    num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.827,
+    max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    bos_token_id=0, eos_token_id=1, pad_token_id=2,
+)  # fmt: skip
+
+
+def build_checkpoint(path: Path):
+    """A random K2-shaped checkpoint with INT4 routed experts; returns transformers' model on the same weights."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**K2_SHAPED)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    hf.save_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    out, dense = {}, {}
+    for key, w in tensors.items():
+        if ".mlp.experts." in key and key.endswith(".weight"):
+            q, scale = quantize_int4(w)
+            prefix = key.removesuffix(".weight")
+            out[f"{prefix}.weight_packed"], out[f"{prefix}.weight_scale"] = pack_int4(q), scale
+            out[f"{prefix}.weight_shape"] = torch.tensor(w.shape)
+            dense[key] = unpack_int4(out[f"{prefix}.weight_packed"], scale, torch.float32)
+        else:
+            out[key] = w
+    save_file(out, path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "kimi_k2"
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg))
+    inter = K2_SHAPED["moe_intermediate_size"]
+    with torch.no_grad():  # transformers sees exactly the dequantized INT4 values
+        for key, w in dense.items():
+            layer_prefix, expert, proj = key.removesuffix(".weight").rsplit(".", 2)
+            experts = hf.get_submodule(layer_prefix)
+            e = int(expert)
+            if proj == "down_proj":
+                experts.down_proj[e] = w
+            else:
+                experts.gate_up_proj[e, (0 if proj == "gate_proj" else inter) : (inter if proj == "gate_proj" else 2 * inter)] = w
+    return hf
+
+
+def make_prompts(n: int, prefix_len: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, K2_SHAPED["vocab_size"], (prefix_len,), generator=g).tolist()
+    prompts = []
+    for i in range(n):
+        tail = torch.randint(3, K2_SHAPED["vocab_size"], (int(torch.randint(8, 64, (1,), generator=g)),), generator=g)
+        prompts.append((prefix if i % 2 == 0 else []) + tail.tolist())
+    return prompts
+
+
+def run_transformers(hf, prompts: list[list[int]], new_tokens: int, batch_size: int) -> float:
+    """Batched greedy generate with left padding; returns seconds."""
+    pad = K2_SHAPED["pad_token_id"]
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        do_sample=False, pad_token_id=pad)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefix", type=int, default=256, help="tokens of the prefix shared by half the prompts")
+    ap.add_argument("--hf-batch", type=int, default=64, help="transformers batch size")
+    ap.add_argument("--slots", type=int, default=128, help="engine decode slots")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_checkpoint(Path(tmp))
+        model = load_model(tmp)
+    prompts = make_prompts(args.requests, args.prefix)
+    out_tokens = args.requests * args.new_tokens
+    distinct = args.prefix + sum(len(p) - (args.prefix if i % 2 == 0 else 0) for i, p in enumerate(prompts))
+
+    hf_s = run_transformers(hf, prompts, args.new_tokens, args.hf_batch)
+    config = EngineConfig(max_num_seqs=args.slots, max_num_batched_tokens=4096, dequantize_int4=True, kv_cache_gib=2.0)
+    engine = Engine(model, config)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True))
+    engine_s = time.perf_counter() - start
+    assert sum(len(o.token_ids) for o in outputs) == out_tokens
+
+    print(f"requests {args.requests}, new tokens {args.new_tokens}, prompt tokens {sum(map(len, prompts))}, "
+          f"distinct prompt tokens {distinct}, threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"transformers generate (batch {args.hf_batch}): {hf_s:8.1f} s  {out_tokens / hf_s:8.1f} output tok/s")
+    print(f"k2batch engine ({args.slots} slots):       {engine_s:8.1f} s  {out_tokens / engine_s:8.1f} output tok/s")
+    print(f"ratio engine / transformers: {hf_s / engine_s:.2f}x")
+    extra = engine.stats.prefill_tokens / distinct - 1
+    print(f"engine prefill tokens {engine.stats.prefill_tokens} vs distinct {distinct}: {extra:+.1%} "
+          f"(cached {engine.stats.cached_tokens}, prefix-cache hits {engine.prefix_cache_stats()})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
