@@ -66,7 +66,9 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str, config: EngineConfig = EngineConfig()) -> Engine:
         model = load_model(path, dtype=config.dtype, device=config.device)
-        return cls(model, config, _load_tokenizer_if_present(path))
+        engine = cls(model, config, _load_tokenizer_if_present(path))
+        engine.eos_token_ids |= _generation_config_eos(path)
+        return engine
 
     @property
     def num_kv_blocks(self) -> int:
@@ -167,7 +169,7 @@ class Engine:
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if p.stop and self.tokenizer is not None:
-            tail = self.tokenizer.decode(seq.output_ids[-(max(len(s) for s in p.stop) + 8) :])
+            tail = self._detokenize(seq.output_ids[-(max(len(s) for s in p.stop) + 8) :])
             if any(s in tail for s in p.stop):
                 return "stop"
         if len(seq.output_ids) >= p.max_new_tokens or len(seq) >= self.max_model_len:
@@ -188,7 +190,7 @@ class Engine:
     def _output(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
         text = None
         if self.tokenizer is not None and seq.output_ids:
-            text = self.tokenizer.decode(seq.output_ids)
+            text = self._detokenize(seq.output_ids)
             if seq.params.stop and reason == "stop":
                 cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
                 text = text[:cut] if cut >= 0 else text
@@ -202,6 +204,10 @@ class Engine:
             num_cached_tokens=seq.num_cached_prompt,
             logprobs=list(seq.logprobs) if seq.params.logprobs else None,
         )
+
+    def _detokenize(self, ids: list[int]) -> str:
+        # Embedding matrices are often padded past the tokenizer's vocabulary; such ids have no text.
+        return self.tokenizer.decode([t for t in ids if t < self.tokenizer.vocab_size])
 
     def _encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -265,6 +271,21 @@ class Engine:
         if cache is None:
             return {"hit_blocks": 0, "miss_blocks": 0, "cached_blocks": 0}
         return {"hit_blocks": cache.hit_blocks, "miss_blocks": cache.miss_blocks, "cached_blocks": len(cache)}
+
+
+def _generation_config_eos(path: str) -> frozenset[int]:
+    """End-of-sequence ids from generation_config.json (chat models end turns with e.g. <|im_end|>)."""
+    import json
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    name = f"{root.rstrip('/')}/generation_config.json"
+    if not fs.exists(name):
+        return frozenset()
+    with fs.open(name, "rb") as f:
+        eos = json.load(f).get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 def _load_tokenizer_if_present(path: str):
