@@ -1,0 +1,1 @@
+"""The agent: episodes of thinking and tool calls, and the tools they call."""
