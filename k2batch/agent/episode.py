@@ -1,0 +1,246 @@
+"""The episode loop: many jobs' think → call tools → read results turns, run together through one engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import msgspec
+
+from k2batch.agent.tools import ToolContext, ToolRegistry, ToolResult
+from k2batch.engine import Engine, RequestOutput, SamplingParams
+from k2batch.records import Result, Status, TraceSpan
+from k2batch.tokenizer import ParsedAssistant, Tokenizer, assistant_message, parse_assistant, render_chat
+
+log = logging.getLogger(__name__)
+
+# call_tool(job_id, step, tool_call_id, name, arguments_json) -> ToolResult; replay swaps in recorded results.
+ToolCaller = Callable[[str, int, str, str, str], ToolResult]
+
+
+class Budgets(msgspec.Struct, frozen=True, kw_only=True):
+    """Limits of one episode."""
+
+    max_steps: int
+    max_new_tokens: int
+    """Per step (one model turn)."""
+    max_new_tokens_per_episode: int
+    max_context_tokens: int
+
+
+class EpisodeSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What an episode starts from: the conversation, the tools it may call, its sampling and budgets."""
+
+    job_id: str
+    task: str | None
+    messages: list[dict[str, Any]]
+    tools: tuple[str, ...]
+    tool_schemas: list[dict[str, Any]]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    budgets: Budgets
+    source_file: str = ""
+    source_row: int = 0
+
+
+class EpisodeOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    result: Result
+    spans: list[TraceSpan]
+    step_token_ids: list[list[int]]
+    """Generated ids per step, so a replay can compare tokens, not only text."""
+
+
+class _Episode:
+    """The running state of one job."""
+
+    def __init__(self, spec: EpisodeSpec) -> None:
+        self.spec = spec
+        self.messages = list(spec.messages)
+        self.step = 0
+        self.prompt_ids: list[int] = []
+        self.request_id: str | None = None
+        self.prompt_tokens = self.cached_tokens = self.completion_tokens = self.reasoning_tokens = 0
+        self.tool_call_count = 0
+        self.spans: list[TraceSpan] = []
+        self.step_token_ids: list[list[int]] = []
+        self.step_start_ns = 0
+        self.started = time.perf_counter()
+        self.pending: dict[Future[ToolResult], tuple[Any, int, int]] = {}
+        self.tool_results: list[tuple[Any, ToolResult, int, int] | None] = []
+        self.last: ParsedAssistant | None = None
+        self.result: Result | None = None
+
+    def span_id(self, kind: str, index: int = 0) -> str:
+        return f"{self.spec.job_id}/{self.step}/{kind}{index}"
+
+
+def render(tokenizer: Tokenizer, spec: EpisodeSpec, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    return render_chat(tokenizer.chat_template, messages, spec.tool_schemas or None, add_generation_prompt=generation_prompt)
+
+
+def run_episodes(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    specs: Sequence[EpisodeSpec],
+    call_tool: ToolCaller,
+    *,
+    tool_workers: int = 8,
+    on_done: Callable[[EpisodeOutcome], None] | None = None,
+) -> list[EpisodeOutcome]:
+    """Run all episodes to an end; outcomes in the order of `specs`.
+
+    Tool calls run in a thread pool while the engine keeps decoding the other episodes; an episode's next step
+    is queued as a continuation of its previous request once all of its tool calls are back."""
+    stop_ids = tuple(tokenizer.special_tokens[t] for t in ("<|im_end|>",) if t in tokenizer.special_tokens)
+    episodes = [_Episode(spec) for spec in specs]
+    by_request: dict[str, _Episode] = {}
+    waiting: set[_Episode] = set()
+
+    def finish(ep: _Episode, status: Status, error_type: str | None = None, message: str | None = None) -> None:
+        if ep.request_id is not None:
+            engine.release(ep.request_id)
+        ep.result = Result(
+            job_id=ep.spec.job_id, task=ep.spec.task, status=status,
+            answer=ep.last.content if ep.last and status == "ok" else None,
+            reasoning=ep.last.reasoning if ep.last else None,
+            error_type=error_type, error_message=message, steps=ep.step, tool_calls=ep.tool_call_count,
+            prompt_tokens=ep.prompt_tokens, cached_prompt_tokens=ep.cached_tokens,
+            completion_tokens=ep.completion_tokens, reasoning_tokens=ep.reasoning_tokens,
+            latency_s=time.perf_counter() - ep.started, source_file=ep.spec.source_file, source_row=ep.spec.source_row,
+        )  # fmt: skip
+        if on_done is not None:
+            on_done(EpisodeOutcome(result=ep.result, spans=ep.spans, step_token_ids=ep.step_token_ids))
+
+    def submit_step(ep: _Episode, prompt_ids: list[int], continue_from: str | None) -> None:
+        budgets = ep.spec.budgets
+        if ep.step >= budgets.max_steps:
+            return finish(ep, "step_limit", "step_limit", f"episode used its {budgets.max_steps} steps")
+        left = min(
+            budgets.max_new_tokens,
+            budgets.max_new_tokens_per_episode - ep.completion_tokens,
+            budgets.max_context_tokens - len(prompt_ids),
+        )
+        if left <= 0:
+            return finish(ep, "token_limit", "token_limit",
+                          f"no token budget left for step {ep.step} ({len(prompt_ids):,} context tokens, "
+                          f"{ep.completion_tokens:,} generated, context budget {budgets.max_context_tokens:,})")  # fmt: skip
+        params = SamplingParams(
+            temperature=ep.spec.temperature, top_p=ep.spec.top_p, top_k=ep.spec.top_k, max_new_tokens=left,
+            seed=ep.spec.seed + ep.step, stop_token_ids=stop_ids,
+        )  # fmt: skip
+        ep.prompt_ids = prompt_ids
+        ep.request_id = f"{ep.spec.job_id}:{ep.step}"
+        ep.step_start_ns = time.time_ns()
+        by_request[ep.request_id] = ep
+        engine.add_request(prompt_ids, params, request_id=ep.request_id, keep_kv=True, continue_from=continue_from)
+
+    def on_output(ep: _Episode, out: RequestOutput) -> None:
+        text = tokenizer.decode([t for t in out.token_ids if t < tokenizer.vocab_size])
+        parsed = parse_assistant(text, set(ep.spec.tools))
+        reasoning_ids = len(tokenizer.encode(parsed.reasoning)) if parsed.reasoning else 0
+        # Every step counts its whole prompt, as an API bills it; the cached part is counted separately.
+        ep.prompt_tokens += len(out.prompt_ids)
+        ep.cached_tokens += out.num_cached_tokens
+        ep.completion_tokens += len(out.token_ids)
+        ep.reasoning_tokens += reasoning_ids
+        ep.step_token_ids.append(list(out.token_ids))
+        ep.last = parsed
+        ep.spans.append(TraceSpan(
+            job_id=ep.spec.job_id, step=ep.step, span_id=ep.span_id("chat"), parent_span_id=None, operation="chat",
+            start_ns=ep.step_start_ns, end_ns=time.time_ns(), input_tokens=len(out.prompt_ids),
+            cached_input_tokens=out.num_cached_tokens, output_tokens=len(out.token_ids),
+            reasoning_content=parsed.reasoning, content=parsed.content,
+            finish_reason="tool_calls" if parsed.tool_calls and out.finish_reason == "stop" else out.finish_reason,
+        ))  # fmt: skip
+        ep.step += 1
+        if out.finish_reason == "error":
+            return finish(ep, "error", "engine_error", out.error)
+        if out.finish_reason == "length":
+            return finish(ep, "token_limit", "token_limit", f"step {ep.step - 1} stopped at its token budget")
+        if not parsed.tool_calls:
+            return finish(ep, "ok")
+        ep.messages.append(assistant_message(parsed))
+        ep.tool_results = [None] * len(parsed.tool_calls)
+        for position, call in enumerate(parsed.tool_calls):
+            # Calls that did not parse still go through the caller: it answers them with a readable error.
+            future = pool.submit(call_tool, ep.spec.job_id, ep.step - 1, call.id, call.name, call.arguments)
+            ep.pending[future] = (call, position, time.time_ns())
+            ep.tool_call_count += 1
+        waiting.add(ep)
+
+    def on_tools_done(ep: _Episode) -> None:
+        waiting.discard(ep)
+        before = render(tokenizer, ep.spec, ep.messages, False)
+        for call, result, start_ns, end_ns in ep.tool_results:  # type: ignore[misc]
+            ep.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.content})
+            ep.spans.append(TraceSpan(
+                job_id=ep.spec.job_id, step=ep.step - 1, span_id=ep.span_id("tool", call.index),
+                parent_span_id=f"{ep.spec.job_id}/{ep.step - 1}/chat0", operation="execute_tool",
+                start_ns=start_ns, end_ns=end_ns, tool_call_id=call.id, tool_name=call.name,
+                tool_arguments=call.arguments, tool_result=result.content, error_type=result.error_type,
+            ))  # fmt: skip
+        after = render(tokenizer, ep.spec, ep.messages, True)
+        previous = ep.request_id
+        if not after.startswith(before):
+            # The template rewrote earlier turns; the cached prefix no longer matches, so prefill it all again.
+            engine.release(previous)
+            return submit_step(ep, tokenizer.encode_chat(after), None)
+        delta = tokenizer.encode_chat(after[len(before) :])
+        submit_step(ep, ep.prompt_ids + ep.step_token_ids[-1] + delta, previous)
+
+    with ThreadPoolExecutor(max_workers=max(1, tool_workers), thread_name_prefix="tool") as pool:
+        for ep in episodes:
+            submit_step(ep, tokenizer.encode_chat(render(tokenizer, ep.spec, ep.messages, True)), None)
+        while any(ep.result is None for ep in episodes):
+            futures = [f for ep in waiting for f in ep.pending]
+            if engine.has_unfinished():
+                for out in engine.step():
+                    on_output(by_request.pop(out.request_id), out)
+                done = [f for f in futures if f.done()]
+            else:
+                done = list(wait(futures, return_when=FIRST_COMPLETED).done)
+            for ep in list(waiting):
+                for future in [f for f in done if f in ep.pending]:
+                    call, position, start_ns = ep.pending.pop(future)
+                    ep.tool_results[position] = (call, future.result(), start_ns, time.time_ns())
+                if not ep.pending:
+                    on_tools_done(ep)
+    return [EpisodeOutcome(result=ep.result, spans=ep.spans, step_token_ids=ep.step_token_ids) for ep in episodes]  # type: ignore[arg-type]
+
+
+def registry_caller(
+    registry: ToolRegistry,
+    contexts: dict[str, ToolContext],
+    enabled: dict[str, Sequence[str]],
+    *,
+    timeout_s: float,
+    max_result_chars: int,
+) -> ToolCaller:
+    """A ToolCaller running each job's calls in its own ToolContext, restricted to the job's tools."""
+
+    def call(job_id: str, step: int, tool_call_id: str, name: str, arguments: str) -> ToolResult:
+        return registry.call(name, arguments, contexts[job_id], timeout_s, max_result_chars, enabled[job_id])
+
+    return call
+
+
+def recorded_caller(spans: Sequence[TraceSpan]) -> ToolCaller:
+    """A ToolCaller answering each call with the result its trace recorded, so a replay sees the same inputs."""
+    recorded = {
+        (span.step, span.tool_call_id): ToolResult(span.tool_result or "", span.error_type)
+        for span in spans
+        if span.operation == "execute_tool"
+    }
+
+    def call(job_id: str, step: int, tool_call_id: str, name: str, arguments: str) -> ToolResult:
+        found = recorded.get((step, tool_call_id))
+        if found is None:
+            return ToolResult(f"error: the trace has no result for call {tool_call_id} of step {step}", "not_recorded")
+        return found
+
+    return call
