@@ -1,5 +1,6 @@
 """The agent: episodes of thinking and tool calls, and the tools they call."""
 
+from k2batch.agent.batch import run_batch, run_shard
 from k2batch.agent.episode import (
     Budgets,
     EpisodeOutcome,
@@ -17,5 +18,7 @@ __all__ = [
     "ToolCaller",
     "recorded_caller",
     "registry_caller",
+    "run_batch",
     "run_episodes",
+    "run_shard",
 ]

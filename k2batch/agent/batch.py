@@ -1,0 +1,161 @@
+"""A whole batch without dagster: plan shards, run each shard's episodes through one engine, write the outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+import polars as pl
+from tqdm import tqdm
+
+from k2batch.agent.episode import Budgets, EpisodeOutcome, EpisodeSpec, registry_caller, run_episodes
+from k2batch.agent.tools import TOOLS, ToolContext, ToolRegistry, ToolSettings
+from k2batch.config import BatchConfig, config_hash, load_config
+from k2batch.engine import Engine
+from k2batch.records import Job, RunInfo, results_table, traces_table, validate_jobs
+from k2batch.shards import (
+    Shard,
+    ShardManifest,
+    completed_shards,
+    new_manifest,
+    plan_shards,
+    read_shard_rows,
+    summary_uri,
+    write_shard_outputs,
+)
+from k2batch.storage import join, list_files, polars_storage_options, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def context_budget(config: BatchConfig, engine: Engine) -> int:
+    return min(config.agent.max_context_tokens or engine.max_model_len, engine.max_model_len)
+
+
+def episode_spec(job: Job, config: BatchConfig, engine: Engine, registry: ToolRegistry = TOOLS) -> EpisodeSpec:
+    """A valid job with the config's defaults filled in: system prompt, tools, sampling, budgets."""
+    messages = list(job.messages) if job.messages else [{"role": "user", "content": job.prompt}]
+    if messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": job.system or config.system_prompt(job.task)})
+    elif job.system:
+        messages[0] = {"role": "system", "content": job.system}
+    # A seed from the job id, not its position, so a job samples the same tokens in any shard layout.
+    own_seed = int(hashlib.sha256(job.job_id.encode()).hexdigest()[:8], 16)
+    return EpisodeSpec(
+        job_id=job.job_id,
+        task=job.task,
+        messages=messages,
+        tools=job.tools,
+        tool_schemas=registry.schemas(job.tools),
+        temperature=config.sampling.temperature if job.temperature is None else job.temperature,
+        top_p=config.sampling.top_p if job.top_p is None else job.top_p,
+        top_k=config.sampling.top_k,
+        seed=job.seed if job.seed is not None else config.sampling.seed + own_seed,
+        budgets=Budgets(
+            max_steps=job.max_steps or config.agent.max_steps,
+            max_new_tokens=job.max_new_tokens or config.sampling.max_new_tokens,
+            max_new_tokens_per_episode=config.agent.max_new_tokens_per_episode,
+            max_context_tokens=context_budget(config, engine),
+        ),
+        source_file=job.source_file,
+        source_row=job.source_row,
+    )
+
+
+def run_shard(
+    engine: Engine, shard: Shard, output_uri: str, config: BatchConfig, registry: ToolRegistry = TOOLS
+) -> ShardManifest:
+    """Validate a shard's rows, run its jobs' episodes, write results, traces and (last) the manifest."""
+    options = config.storage.options
+    manifest = new_manifest(shard, config_hash(config))
+    started = time.perf_counter()
+    inputs = read_shard_rows(shard, options)
+    tokenizer = engine.tokenizer
+    jobs, invalid = validate_jobs(
+        inputs,
+        known_tools=registry.names(),
+        default_tools=config.tools.enabled,
+        count_tokens=lambda text: len(tokenizer.encode(text)),
+        max_prompt_tokens=context_budget(config, engine),
+    )
+    specs = [episode_spec(job, config, engine, registry) for job in jobs]
+    settings = ToolSettings.from_config(config.tools)
+    contexts = {
+        spec.job_id: ToolContext.for_job(spec.job_id, spec.task or "default", settings, options) for spec in specs
+    }
+    call_tool = registry_caller(
+        registry, contexts, {spec.job_id: spec.tools for spec in specs},
+        timeout_s=config.agent.tool_timeout_s, max_result_chars=config.agent.max_tool_result_chars,
+    )  # fmt: skip
+    bar = tqdm(total=shard.num_rows, initial=len(invalid), desc=f"shard {shard.index}", dynamic_ncols=True)
+
+    def done(outcome: EpisodeOutcome) -> None:
+        bar.update(1)
+        bar.set_postfix(status=outcome.result.status)
+
+    outcomes = run_episodes(engine, tokenizer, specs, call_tool, tool_workers=config.agent.tool_workers, on_done=done)
+    bar.close()
+    run = RunInfo(model=config.model, config_hash=manifest.config_hash, shard=shard.index, attempt=manifest.attempt)
+    results = results_table([o.result for o in outcomes] + invalid, run, inputs)
+    traces = traces_table([span for o in outcomes for span in o.spans])
+    manifest = msgspec.structs.replace(manifest, timings={"run_s": time.perf_counter() - started})
+    return write_shard_outputs(output_uri, shard.index, results, traces, manifest, options)
+
+
+def summarize(output_uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Batch totals from the results of every shard."""
+    results = pl.scan_parquet(
+        join(output_uri, "results", "**", "*.parquet"),
+        hive_partitioning=True,
+        storage_options=polars_storage_options(output_uri, options) or None,
+    )
+    totals = results.select(
+        rows=pl.len(),
+        steps=pl.col("steps").sum(),
+        tool_calls=pl.col("tool_calls").sum(),
+        prompt_tokens=pl.col("prompt_tokens").sum(),
+        cached_prompt_tokens=pl.col("cached_prompt_tokens").sum(),
+        completion_tokens=pl.col("completion_tokens").sum(),
+        reasoning_tokens=pl.col("reasoning_tokens").sum(),
+    ).collect()
+    by_status = results.group_by("status").len().collect()
+    manifests = [
+        read_json(file.uri, options, type=ShardManifest)
+        for file in list_files(join(output_uri, "manifests"), options, suffix=".json")
+    ]
+    return {
+        **totals.row(0, named=True),
+        "shard_run_s": sum(m.timings.get("run_s", 0.0) for m in manifests),
+        "rows_by_status": dict(sorted(zip(by_status["status"], by_status["len"], strict=True))),
+    }
+
+
+def run_batch(
+    input_uri: str, output_uri: str, config: BatchConfig | None = None, *, engine: Engine | None = None
+) -> dict[str, Any]:
+    """Run every shard not yet complete, then write and return the batch summary."""
+    config = config or load_config()
+    options = config.storage.options
+    plan = plan_shards(input_uri, config.shards.rows_per_shard, options)
+    done = completed_shards(output_uri, plan, config_hash(config), options)
+    todo = [shard for shard in plan.shards if shard.index not in done]
+    log.info("%d shards, %d complete, %d to run", len(plan.shards), len(done), len(todo))
+    started = time.perf_counter()
+    if todo:
+        engine = engine or Engine.from_pretrained(config.model, config.engine)
+        for shard in todo:
+            manifest = run_shard(engine, shard, output_uri, config)
+            log.info("shard %d: %s", shard.index, manifest.rows_by_status)
+    summary = {
+        **summarize(output_uri, options),
+        "shards": len(plan.shards),
+        "model": config.model,
+        "config_hash": config_hash(config),
+        "run_s": time.perf_counter() - started,
+        "engine": msgspec.to_builtins(engine.stats) if engine is not None else None,
+    }
+    write_json_atomic(summary_uri(output_uri), summary, options)
+    return summary
