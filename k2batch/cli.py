@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+import polars as pl
 import torch
 
 WORKSPACE = Path(__file__).resolve().parent.parent / "workspace"
@@ -51,6 +52,72 @@ def demo(args: argparse.Namespace) -> None:
           f"preemptions {s.preemptions}")  # fmt: skip
 
 
+def run(args: argparse.Namespace) -> None:
+    """Run a batch: every shard of --input not yet complete under --output."""
+    from k2batch.agent import run_batch
+    from k2batch.config import load_config
+
+    summary = run_batch(args.input, args.output, load_config(args.config))
+    print(f"{summary['rows']} rows: {summary['rows_by_status']}; summary at {args.output}/summary.json")
+
+
+def inspect_table(output: str, config_path: str | None) -> pl.DataFrame:
+    """Per status and task: jobs, steps, tokens, cache hit rate, throughput and API-equivalent cost."""
+    from k2batch.config import load_config
+    from k2batch.storage import join, polars_storage_options, read_json
+
+    config = load_config(config_path)
+    options = config.storage.options
+    summary = read_json(join(output, "summary.json"), options)
+    prices = config.prices
+    results = pl.scan_parquet(
+        join(output, "results", "**", "*.parquet"),
+        hive_partitioning=True,
+        storage_options=polars_storage_options(output, options) or None,
+    )
+    uncached = pl.col("prompt_tokens") - pl.col("cached_prompt_tokens")
+    return (
+        results.group_by("status", "task")
+        .agg(
+            jobs=pl.len(),
+            steps=pl.col("steps").sum(),
+            tool_calls=pl.col("tool_calls").sum(),
+            prompt_tokens=pl.col("prompt_tokens").sum(),
+            cached_prompt_tokens=pl.col("cached_prompt_tokens").sum(),
+            completion_tokens=pl.col("completion_tokens").sum(),
+            cost_usd=(
+                uncached * prices.input + pl.col("cached_prompt_tokens") * prices.cached_input
+                + pl.col("completion_tokens") * prices.output
+            ).sum() / 1e6,
+        )  # fmt: skip
+        .with_columns(
+            cache_hit_rate=pl.col("cached_prompt_tokens") / pl.col("prompt_tokens").clip(lower_bound=1),
+            output_tok_s=pl.col("completion_tokens") / max(summary.get("shard_run_s") or 0.0, 1e-9),
+        )
+        .sort("status", "task", nulls_last=True)
+        .collect()
+    )
+
+
+def inspect(args: argparse.Namespace) -> None:
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+        print(inspect_table(args.output, args.config))
+
+
+def replay(args: argparse.Namespace) -> None:
+    """Re-run one job greedily with its recorded tool results; exit 1 when the tokens differ."""
+    from k2batch.agent.replay import replay_job
+    from k2batch.config import load_config
+
+    report = replay_job(args.output, args.job, load_config(args.config))
+    for step in report.steps:
+        print(f"step {step.step}: {step.recorded_tokens} recorded, {step.replayed_tokens} replayed tokens, "
+              f"{'same' if step.same else 'DIFFERENT'}")  # fmt: skip
+    print(f"status {report.recorded_status} -> {report.replayed_status}: {'match' if report.matches else 'MISMATCH'}")
+    if not report.matches:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="k2batch", description="Offline batch inference for Kimi K2-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +126,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.set_defaults(func=demo)
+    p = sub.add_parser("run", help="run a batch of jobs (Parquet) to results and traces (Parquet)")
+    p.add_argument("--input", required=True, help="Parquet file or prefix of the jobs")
+    p.add_argument("--output", required=True, help="output prefix of the batch")
+    p.add_argument("--config", help="TOML overlaying configs/default.toml")
+    p.set_defaults(func=run)
+    p = sub.add_parser("inspect", help="summary table of a batch's results")
+    p.add_argument("output")
+    p.add_argument("--config", help="TOML with the prices (default: configs/default.toml)")
+    p.set_defaults(func=inspect)
+    p = sub.add_parser("replay", help="re-run one job greedily with its recorded tool results")
+    p.add_argument("output")
+    p.add_argument("--job", required=True)
+    p.add_argument("--config", help="the TOML the batch ran with")
+    p.set_defaults(func=replay)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.func(args)
