@@ -61,3 +61,12 @@ def script_first_step(engine: Engine, script: list[int]) -> None:
 
 def engine_for(path: Path, **overrides) -> Engine:
     return Engine.from_pretrained(str(path), EngineConfig(max_num_seqs=8, num_kv_blocks=512, **overrides))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's ops are too small to split: extra threads only contend for the box's two cores (~10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ def config_for(checkpoint):
         model=str(checkpoint),
         engine=EngineConfig(max_num_seqs=8, num_kv_blocks=512),
         sampling=msgspec.structs.replace(config.sampling, temperature=0.0, max_new_tokens=72),
-        agent=msgspec.structs.replace(config.agent, max_steps=3, max_new_tokens_per_episode=80, tool_workers=2),
+        agent=msgspec.structs.replace(config.agent, max_steps=3, max_new_tokens_per_episode=76, tool_workers=2),
         tools=msgspec.structs.replace(config.tools, enabled=("calculator", "now")),
         shards=msgspec.structs.replace(config.shards, rows_per_shard=3),
     )

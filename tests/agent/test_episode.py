@@ -18,7 +18,7 @@ CALLS = (
 TOOL_NAMES = ("calculator", "now")
 
 
-def spec(job_id: str, *, max_steps: int = 4, max_new_tokens: int = 96, per_episode: int = 90) -> EpisodeSpec:
+def spec(job_id: str, *, max_steps: int = 4, max_new_tokens: int = 96, per_episode: int = 76) -> EpisodeSpec:
     return EpisodeSpec(
         job_id=job_id, task="synthesis",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is 2+3? ({job_id})"}],
