@@ -59,6 +59,7 @@ def episode_spec(job: Job, config: BatchConfig, engine: Engine, registry: ToolRe
             max_new_tokens=job.max_new_tokens or config.sampling.max_new_tokens,
             max_new_tokens_per_episode=config.agent.max_new_tokens_per_episode,
             max_context_tokens=context_budget(config, engine),
+            hidden_tool_result=config.agent.hidden_tool_result_placeholder,
         ),
         source_file=job.source_file,
         source_row=job.source_row,

@@ -29,6 +29,10 @@ class Budgets(msgspec.Struct, frozen=True, kw_only=True):
     """Per step (one model turn)."""
     max_new_tokens_per_episode: int
     max_context_tokens: int
+    hidden_tool_result: str = "[tool result hidden to fit the context]"
+    """Replaces earlier steps' tool results when the context would overflow."""
+    min_new_tokens: int = 16
+    """Room a step needs; with less left, earlier tool results are hidden to make room."""
 
 
 class EpisodeSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,8 +194,24 @@ def run_episodes(
             # The template rewrote earlier turns; the cached prefix no longer matches, so prefill it all again.
             engine.release(previous)
             return submit_step(ep, tokenizer.encode_chat(after), None)
-        delta = tokenizer.encode_chat(after[len(before) :])
-        submit_step(ep, ep.prompt_ids + ep.step_token_ids[-1] + delta, previous)
+        prompt_ids = ep.prompt_ids + ep.step_token_ids[-1] + tokenizer.encode_chat(after[len(before) :])
+        budgets = ep.spec.budgets
+        if len(prompt_ids) + budgets.min_new_tokens > budgets.max_context_tokens and hide_earlier_results(ep):
+            # The prefix changed, so the cached context is of no use: the shorter prompt is prefilled anew.
+            engine.release(previous)
+            return submit_step(ep, tokenizer.encode_chat(render(tokenizer, ep.spec, ep.messages, True)), None)
+        submit_step(ep, prompt_ids, previous)
+
+    def hide_earlier_results(ep: _Episode) -> bool:
+        """Replace the tool results of steps before the last one with the placeholder, as K2's own harness does."""
+        last_assistant = max(i for i, m in enumerate(ep.messages) if m["role"] == "assistant")
+        placeholder = ep.spec.budgets.hidden_tool_result
+        hidden = False
+        for i, message in enumerate(ep.messages[:last_assistant]):
+            if message["role"] == "tool" and message["content"] != placeholder and i >= len(ep.spec.messages):
+                ep.messages[i] = {**message, "content": placeholder}
+                hidden = True
+        return hidden
 
     with ThreadPoolExecutor(max_workers=max(1, tool_workers), thread_name_prefix="tool") as pool:
         for ep in episodes:

@@ -42,16 +42,18 @@ def k2_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def script_first_step(engine: Engine, script: list[int]) -> None:
-    """Make every request of step 0 (ids "JOB:0") emit `script`, then decode freely: a test-only policy that
-    forces a known tool-call section out of a random model while the real engine runs every token."""
+def script_first_step(engine: Engine, script: list[int], steps: tuple[int, ...] = (0,)) -> None:
+    """Make every request of the given steps (ids "JOB:STEP", step 0 by default) emit `script`, then decode
+    freely: a test-only policy that forces a known tool-call section out of a random model while the real
+    engine runs every token."""
+    suffixes = tuple(f":{step}" for step in steps)
     run = engine.runner.run
 
     def scripted(batch):
         logits = run(batch).clone()
         for row, (seq, q_len) in enumerate(batch):
             done = len(seq.output_ids)
-            if seq.request_id.endswith(":0") and seq.num_computed + q_len == len(seq) and done < len(script):
+            if seq.request_id.endswith(suffixes) and seq.num_computed + q_len == len(seq) and done < len(script):
                 logits[row] = torch.full_like(logits[row], -1e9)
                 logits[row, script[done]] = 0.0
         return logits

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from k2batch.agent import Budgets, EpisodeSpec, recorded_caller, registry_caller, run_episodes
-from k2batch.agent.tools import TOOLS, ToolContext, ToolSettings
+from k2batch.agent.tools import TOOLS, ToolContext, ToolResult, ToolSettings
 from tests.agent.conftest import engine_for, script_first_step
 
 CALLS = (
@@ -18,13 +18,15 @@ CALLS = (
 TOOL_NAMES = ("calculator", "now")
 
 
-def spec(job_id: str, *, max_steps: int = 4, max_new_tokens: int = 96, per_episode: int = 76) -> EpisodeSpec:
+def spec(
+    job_id: str, *, max_steps: int = 4, max_new_tokens: int = 96, per_episode: int = 76, context: int = 4096
+) -> EpisodeSpec:
     return EpisodeSpec(
         job_id=job_id, task="synthesis",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is 2+3? ({job_id})"}],
         tools=TOOL_NAMES, tool_schemas=TOOLS.schemas(TOOL_NAMES), temperature=0.0, top_p=1.0, top_k=0, seed=7,
         budgets=Budgets(max_steps=max_steps, max_new_tokens=max_new_tokens, max_new_tokens_per_episode=per_episode,
-                        max_context_tokens=4096),
+                        max_context_tokens=context),
     )  # fmt: skip
 
 
@@ -105,3 +107,27 @@ def test_replay_with_recorded_results_reproduces_tokens(k2_checkpoint):
     replayed = run(recorded_caller(original.spans))
     assert replayed.step_token_ids == original.step_token_ids
     assert [s.tool_result for s in replayed.spans] == [s.tool_result for s in original.spans]
+
+
+def test_context_overflow_hides_earlier_tool_results(k2_checkpoint):
+    def long_first_results(job_id, step, tool_call_id, name, arguments):
+        return ToolResult("word " * 100 if step == 0 else "ok")
+
+    def run(context):
+        engine = engine_for(k2_checkpoint)
+        script_first_step(engine, engine.tokenizer.encode_chat(CALLS), steps=(0, 1))
+        prompts = []
+        add = engine.add_request
+        engine.add_request = lambda ids, params, **kw: prompts.append(list(ids)) or add(ids, params, **kw)
+        job = spec("h", max_steps=3, max_new_tokens=80, per_episode=400, context=context)
+        outcome = run_episodes(engine, engine.tokenizer, [job], long_first_results)[0]
+        return outcome, [engine.tokenizer.decode(p) for p in prompts]
+
+    roomy, roomy_prompts = run(4096)
+    full = [s.input_tokens for s in roomy.spans if s.operation == "chat"][2]
+    tight, tight_prompts = run(full + 10)  # too little room for step 2 with every result shown
+    assert "word word" in roomy_prompts[2] and "word word" not in tight_prompts[2]
+    assert tight_prompts[2].count("[tool result hidden to fit the context]") == 2  # both calls of step 0
+    assert tight_prompts[2].endswith("## Return of functions.nope:1\nok<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    chats = [s for s in tight.spans if s.operation == "chat"]
+    assert len(chats) == 3 and chats[2].input_tokens < full
