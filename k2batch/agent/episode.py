@@ -79,12 +79,13 @@ class _Episode:
         self.last: ParsedAssistant | None = None
         self.result: Result | None = None
 
-    def span_id(self, kind: str, index: int = 0) -> str:
-        return f"{self.spec.job_id}/{self.step}/{kind}{index}"
+    def span_id(self, step: int, kind: str, index: int = 0) -> str:
+        return f"{self.spec.job_id}/{step}/{kind}{index}"
 
 
 def render(tokenizer: Tokenizer, spec: EpisodeSpec, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return render_chat(tokenizer.chat_template, messages, spec.tool_schemas or None, add_generation_prompt=generation_prompt)
+    tools = spec.tool_schemas or None
+    return render_chat(tokenizer.chat_template, messages, tools, add_generation_prompt=generation_prompt)
 
 
 def run_episodes(
@@ -130,9 +131,11 @@ def run_episodes(
             budgets.max_context_tokens - len(prompt_ids),
         )
         if left <= 0:
-            return finish(ep, "token_limit", "token_limit",
-                          f"no token budget left for step {ep.step} ({len(prompt_ids):,} context tokens, "
-                          f"{ep.completion_tokens:,} generated, context budget {budgets.max_context_tokens:,})")  # fmt: skip
+            why = (
+                f"no token budget left for step {ep.step} ({len(prompt_ids):,} context tokens, "
+                f"{ep.completion_tokens:,} generated, context budget {budgets.max_context_tokens:,})"
+            )
+            return finish(ep, "token_limit", "token_limit", why)
         params = SamplingParams(
             temperature=ep.spec.temperature, top_p=ep.spec.top_p, top_k=ep.spec.top_k, max_new_tokens=left,
             seed=ep.spec.seed + ep.step, stop_token_ids=stop_ids,
@@ -155,8 +158,8 @@ def run_episodes(
         ep.step_token_ids.append(list(out.token_ids))
         ep.last = parsed
         ep.spans.append(TraceSpan(
-            job_id=ep.spec.job_id, step=ep.step, span_id=ep.span_id("chat"), parent_span_id=None, operation="chat",
-            start_ns=ep.step_start_ns, end_ns=time.time_ns(), input_tokens=len(out.prompt_ids),
+            job_id=ep.spec.job_id, step=ep.step, span_id=ep.span_id(ep.step, "chat"), parent_span_id=None,
+            operation="chat", start_ns=ep.step_start_ns, end_ns=time.time_ns(), input_tokens=len(out.prompt_ids),
             cached_input_tokens=out.num_cached_tokens, output_tokens=len(out.token_ids),
             reasoning_content=parsed.reasoning, content=parsed.content,
             finish_reason="tool_calls" if parsed.tool_calls and out.finish_reason == "stop" else out.finish_reason,
@@ -180,11 +183,12 @@ def run_episodes(
     def on_tools_done(ep: _Episode) -> None:
         waiting.discard(ep)
         before = render(tokenizer, ep.spec, ep.messages, False)
-        for call, result, start_ns, end_ns in ep.tool_results:  # type: ignore[misc]
+        step = ep.step - 1
+        for position, (call, result, start_ns, end_ns) in enumerate(ep.tool_results):  # type: ignore[misc]
             ep.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.content})
             ep.spans.append(TraceSpan(
-                job_id=ep.spec.job_id, step=ep.step - 1, span_id=ep.span_id("tool", call.index),
-                parent_span_id=f"{ep.spec.job_id}/{ep.step - 1}/chat0", operation="execute_tool",
+                job_id=ep.spec.job_id, step=step, span_id=ep.span_id(step, "tool", position),
+                parent_span_id=ep.span_id(step, "chat"), operation="execute_tool",
                 start_ns=start_ns, end_ns=end_ns, tool_call_id=call.id, tool_name=call.name,
                 tool_arguments=call.arguments, tool_result=result.content, error_type=result.error_type,
             ))  # fmt: skip
@@ -230,7 +234,10 @@ def run_episodes(
                     ep.tool_results[position] = (call, future.result(), start_ns, time.time_ns())
                 if not ep.pending:
                     on_tools_done(ep)
-    return [EpisodeOutcome(result=ep.result, spans=ep.spans, step_token_ids=ep.step_token_ids) for ep in episodes]  # type: ignore[arg-type]
+    return [
+        EpisodeOutcome(result=ep.result, spans=ep.spans, step_token_ids=ep.step_token_ids)  # type: ignore[arg-type]
+        for ep in episodes
+    ]
 
 
 def registry_caller(

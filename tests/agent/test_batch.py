@@ -119,3 +119,5 @@ def test_cli_run_then_inspect(k2_checkpoint, tmp_path, capsys):
     assert abs(ran["cost_usd"].sum() - expected) < 1e-12 and ran["completion_tokens"].sum() > 0
     main(["inspect", output, "--config", str(tmp_path / "batch.toml")])
     assert "cache_hit_rate" in capsys.readouterr().out
+    main(["replay", output, "--job", "a", "--config", str(tmp_path / "batch.toml")])  # greedy run: replays exactly
+    assert capsys.readouterr().out.rstrip().endswith(": match")

@@ -58,6 +58,8 @@ def test_tools_run_and_results_continue_the_prompt(scripted_engine):
         chats = [s for s in spans if s.operation == "chat"]
         assert chats[0].finish_reason == "tool_calls" and chats[0].reasoning_content == "add them"
         assert all(t.parent_span_id == chats[0].span_id for t in tools)
+        assert [t.span_id for t in tools[:2]] == [f"{result.job_id}/0/tool0", f"{result.job_id}/0/tool1"]
+        assert len({s.span_id for s in spans}) == len(spans)
         # Step 2 prefilled only the delta: its whole previous context came from the kept KV.
         assert chats[1].cached_input_tokens >= chats[0].input_tokens + chats[0].output_tokens - 1
         assert result.cached_prompt_tokens >= chats[1].cached_input_tokens
@@ -128,6 +130,6 @@ def test_context_overflow_hides_earlier_tool_results(k2_checkpoint):
     tight, tight_prompts = run(full + 10)  # too little room for step 2 with every result shown
     assert "word word" in roomy_prompts[2] and "word word" not in tight_prompts[2]
     assert tight_prompts[2].count("[tool result hidden to fit the context]") == 2  # both calls of step 0
-    assert tight_prompts[2].endswith("## Return of functions.nope:1\nok<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    assert tight_prompts[2].endswith("nope:1\nok<|im_end|><|im_assistant|>assistant<|im_middle|>")
     chats = [s for s in tight.spans if s.operation == "chat"]
     assert len(chats) == 3 and chats[2].input_tokens < full
