@@ -9,6 +9,7 @@ touched experts' packed weights and scales plus activations in and out; the cach
     python benchmarks/bench_kernels.py                            # CUDA: K2 shapes, decode batch 1-512, prefill
     python benchmarks/bench_kernels.py --json benchmarks/results/kernels_h100.json
     python benchmarks/bench_kernels.py --smoke                    # tiny shapes; on CPU under TRITON_INTERPRET=1
+    python benchmarks/bench_kernels.py --tune                     # CUDA: sweep launch shapes per case first
 
 Targets on H100: decode MoE and MLA decode >= 75% of copy bandwidth, prefill MoE >= 50% of the bf16 matmul rate.
 """
@@ -149,6 +150,128 @@ def bench_mla(device, copy_bw, matmul_rate, smoke) -> list[Row]:
     return rows
 
 
+def measure_quick(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median") / 1e3
+
+
+MOE_DECODE_CANDIDATES = [
+    (bn, bk, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4, 5)
+] + [(64, 128, 8, 4), (128, 128, 8, 4), (128, 256, 8, 3)]
+MOE_PREFILL_CANDIDATES = [  # (block_m, block_n, block_k, warps, stages)
+    (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+]
+
+
+def tune_moe(device, copy_bw, matmul_rate) -> list[dict]:
+    """Each expert GEMM alone (gate/up, down) over candidate launch shapes, per case; the best per case."""
+    from kernels.int4_moe import (
+        GemmConfig, Int4Weight, _block_m, align_tokens_to_experts, default_config, expert_down, expert_gate_up,
+    )  # fmt: skip
+
+    e, k, h, i = (K2_MOE[x] for x in ("experts", "top_k", "hidden", "inter"))
+    torch.manual_seed(0)
+
+    def packed(rows, cols):
+        words = torch.randint(-(2**31), 2**31 - 1, (e, rows, cols // 8), dtype=torch.int32, device=device)
+        return Int4Weight(words, (torch.rand(e, rows, cols // 32, device=device) * 0.02 + 0.01).to(torch.bfloat16))
+
+    w13, w2 = packed(2 * i, h), packed(h, i)
+    per_expert = {name: w.packed[0].numel() * 4 + w.scale[0].numel() * 2 for name, w in (("gate_up", w13), ("down", w2))}
+    results = []
+    for phase, m in [("decode", m) for m in MOE_DECODE] + [("prefill", m) for m in MOE_PREFILL]:
+        x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
+        topk_ids = torch.rand(m, e, device=device).topk(k, dim=1).indices
+        topk_weights = torch.rand(m, k, device=device).softmax(dim=1)
+        touched = topk_ids.unique().numel()
+        candidates = (
+            [(_block_m(m * k, e), *c) for c in MOE_DECODE_CANDIDATES] if phase == "decode" else MOE_PREFILL_CANDIDATES
+        )
+        default_bm = _block_m(m * k, e)
+        hidden_in = torch.randn(m * k, i, dtype=torch.bfloat16, device=device)
+        for gemm in ("gate_up", "down"):
+            best, default_s = None, None
+            for bm, bn, bk, warps, stages in candidates + [(default_bm, None, None, None, None)]:
+                blocks = align_tokens_to_experts(topk_ids, e, bm)
+                config = None if bn is None else GemmConfig(bn, bk, warps, stages)
+                if gemm == "gate_up":
+                    fn = lambda: expert_gate_up(x, w13, blocks, config=config)  # noqa: E731
+                else:
+                    fn = lambda: expert_down(hidden_in, w2, topk_weights, blocks, config=config)  # noqa: E731
+                try:
+                    fn()
+                    seconds = measure_quick(fn)
+                except Exception as exc:  # out of shared memory or registers: not a candidate
+                    print(f"  skip {gemm} M={m} {(bm, bn, bk, warps, stages)}: {type(exc).__name__}")
+                    continue
+                if config is None:
+                    default_s = seconds
+                    config = default_config(bm, gemm == "gate_up")
+                elif best is None or seconds < best[0]:
+                    best = (seconds, bm, config)
+            seconds, bm, config = best
+            moved = touched * per_expert[gemm] + (m * h * 2 if gemm == "gate_up" else m * k * i * 2)
+            flops = 2 * m * k * (2 if gemm == "gate_up" else 1) * h * i
+            result = dict(
+                case=f"{phase} M={m}", gemm=gemm, block_m=bm, block_n=config.block_n, block_k=config.block_k,
+                num_warps=config.num_warps, num_stages=config.num_stages, ms=seconds * 1e3,
+                default_ms=default_s * 1e3, pct_copy_bw=100 * moved / seconds / copy_bw,
+                pct_matmul=100 * flops / seconds / matmul_rate,
+            )  # fmt: skip
+            results.append(result)
+            print(f"moe {result['case']:<16} {gemm:<8} best bm={bm} bn={config.block_n} bk={config.block_k} "
+                  f"w={config.num_warps} s={config.num_stages}: {seconds * 1e3:.3f} ms (default {default_s * 1e3:.3f}) "
+                  f"{result['pct_copy_bw']:.1f}% copy {result['pct_matmul']:.1f}% mm", flush=True)  # fmt: skip
+    return results
+
+
+def tune_mla(device, copy_bw) -> list[dict]:
+    """Launch shapes of the split kernel on three cases, then the smallest split on the small batches."""
+    from kernels.mla_decode import mla_decode_triton
+
+    heads, latent, rope = K2_MLA["heads"], K2_MLA["latent"], K2_MLA["rope"]
+    dim = latent + rope
+    results = []
+
+    def inputs(batch, context):
+        pages = -(-context // PAGE_SIZE)
+        kv_cache = torch.randn(batch * pages, PAGE_SIZE, dim, dtype=torch.bfloat16, device=device)
+        table = torch.randperm(batch * pages, device=device).view(batch, pages).int()
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=device)
+        return (q, kv_cache, table, lens, 192**-0.5, latent), batch * context * dim * 2
+
+    shapes = [(bn, st, w) for bn in (16, 32, 64) for st in (1, 2, 3) for w in (4, 8)]
+    for batch, context in [(1, 32768), (64, 8192), (256, 1024), (512, 8192)]:
+        args, moved = inputs(batch, context)
+        timed = []
+        for bn, st, w in shapes:
+            fn = lambda: mla_decode_triton(*args, block_n=bn, num_stages=st, num_warps=w)  # noqa: E731
+            try:
+                fn()
+                timed.append((measure_quick(fn), bn, st, w))
+            except Exception as exc:
+                print(f"  skip mla B={batch} T={context} {(bn, st, w)}: {type(exc).__name__}")
+        default_s = measure_quick(lambda: mla_decode_triton(*args))
+        seconds, bn, st, w = min(timed)
+        results.append(dict(case=f"B={batch} T={context}", block_n=bn, num_stages=st, num_warps=w, ms=seconds * 1e3,
+                            default_ms=default_s * 1e3, pct_copy_bw=100 * moved / seconds / copy_bw))  # fmt: skip
+        print(f"mla B={batch} T={context}: best block_n={bn} stages={st} warps={w} {seconds * 1e3:.3f} ms "
+              f"(default {default_s * 1e3:.3f}) {100 * moved / seconds / copy_bw:.1f}% copy", flush=True)  # fmt: skip
+    for batch, context in [(1, 1024), (1, 8192), (8, 1024), (8, 8192), (32, 1024)]:
+        args, moved = inputs(batch, context)
+        for min_split in (32, 64, 128, 256, 512):
+            seconds = measure_quick(lambda: mla_decode_triton(*args, min_split=min_split))
+            results.append(dict(case=f"B={batch} T={context}", min_split=min_split, ms=seconds * 1e3,
+                                pct_copy_bw=100 * moved / seconds / copy_bw))  # fmt: skip
+            print(f"mla B={batch} T={context} min_split={min_split}: {seconds * 1e3:.4f} ms "
+                  f"{100 * moved / seconds / copy_bw:.1f}% copy", flush=True)  # fmt: skip
+    return results
+
+
 def row(kernel, case, seconds, moved, flops, copy_bw, matmul_rate, target, ref_seconds, err) -> Row:
     return Row(
         kernel=kernel,
@@ -181,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one call each; runs on CPU (interpreter)")
     parser.add_argument("--only", choices=["moe", "mla"], help="run one kernel's cases")
     parser.add_argument("--json", type=Path, help="also write the peaks and rows here")
+    parser.add_argument("--tune", action="store_true", help="CUDA: sweep launch shapes per case before the roofline")
+    parser.add_argument("--tune-only", action="store_true", help="with --tune: skip the roofline table")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -192,7 +317,17 @@ def main(argv: list[str] | None = None) -> None:
 
     copy_bw, matmul_rate = device_peaks(device, args.smoke)
     print(f"{name}: copy {copy_bw / 1e9:.1f} GB/s, bf16 matmul {matmul_rate / 1e12:.2f} TFLOP/s (measured)")
+    tuning = {}
+    if args.tune:
+        if not cuda:
+            parser.error("--tune needs a CUDA device")
+        if args.only in (None, "moe"):
+            tuning["moe"] = tune_moe(device, copy_bw, matmul_rate)
+        if args.only in (None, "mla"):
+            tuning["mla"] = tune_mla(device, copy_bw)
     rows = []
+    if args.tune_only:
+        args.only = "none"
     if args.only in (None, "moe"):
         rows += bench_moe(device, copy_bw, matmul_rate, args.smoke)
     if args.only in (None, "mla"):
@@ -200,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     print_rows(rows)
     if args.json:
         peaks = {"device": name, "copy_gb_s": copy_bw / 1e9, "bf16_matmul_tflop_s": matmul_rate / 1e12}
-        args.json.write_text(json.dumps({**peaks, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(json.dumps({**peaks, "rows": [asdict(r) for r in rows], "tuning": tuning}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -291,6 +291,26 @@ def _block_m(num_assignments: int, num_experts: int) -> int:
     return min(128, max(16, triton.next_power_of_2(triton.cdiv(num_assignments, num_experts))))
 
 
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch shape of one expert GEMM: output columns and inputs per step of a tile, warps, pipeline depth."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(block_m: int, gate_up: bool) -> GemmConfig:
+    """Decode (block_m <= 32: a few tokens per expert) streams weights: 64-row tiles give enough programs to cover
+    the SMs at batch 1, and 4 stages of 128-input steps keep loads in flight. Prefill is compute-bound: 128-token
+    tiles reuse each dequantized weight tile across more tokens; gate/up keeps two accumulators, hence 64 rows
+    against 128 for down."""
+    if block_m <= 32:
+        return GemmConfig(64, 128, 4, 4)
+    return GemmConfig(64 if gate_up else 128, 64, 8, 3)
+
+
 def _expert_gemm(
     a: torch.Tensor,
     w: Int4Weight,
@@ -298,29 +318,26 @@ def _expert_gemm(
     out: torch.Tensor,
     gate_up: bool,
     router_weights: torch.Tensor | None,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
     n = w.out_features // 2 if gate_up else w.out_features
     k = w.in_features
     check_launch(_expert_gemm_kernel, a, w.packed, w.scale, out, blocks.sorted_ids)
-    # Decode (block_m <= 32: a few tokens per expert) streams weights: 64-row tiles give enough programs to cover the
-    # SMs at batch 1, and 4 stages of 128-input steps keep loads in flight with 3 programs per SM (168 registers).
-    # Prefill is compute-bound: 128-token tiles reuse each dequantized weight tile across more tokens and feed wgmma
-    # from shared memory; gate/up keeps two accumulators, hence 64 rows against 128 for down. Both fit 8 warps without
-    # spilling (ptxas, sm_90). block_k is then the largest power of two dividing K.
-    block_n, block_k, warps, stages = (64, 128, 4, 4) if blocks.block_m <= 32 else (64 if gate_up else 128, 64, 8, 3)
-    while k % block_k:
+    config = config or default_config(blocks.block_m, gate_up)
+    block_k = config.block_k
+    while k % block_k:  # the largest power of two dividing K, at most the configured step
         block_k //= 2
     max_blocks = blocks.block_expert.numel()
-    grid = (max_blocks * triton.cdiv(n, block_n),)
+    grid = (max_blocks * triton.cdiv(n, config.block_n),)
     _expert_gemm_kernel[grid](
         a, w.packed, w.scale, out, out if router_weights is None else router_weights,
         blocks.sorted_ids, blocks.block_expert, blocks.expert_end,
         n, k, max_blocks,
         w.packed.stride(0), w.packed.stride(1), w.scale.stride(0), w.scale.stride(1),
         GATE_UP=gate_up, A_ROW_DIV=blocks.top_k if gate_up else 1,
-        BLOCK_M=blocks.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        BLOCK_M=blocks.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=8,
         INTERPRETED=interpreted(_expert_gemm_kernel), PRECISION=dot_precision(a.dtype),
-        num_warps=warps, num_stages=stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
 
@@ -331,14 +348,18 @@ def _check_packed(w: Int4Weight, name: str) -> None:
 
 
 def expert_gate_up(
-    x: torch.Tensor, w13: Int4Weight, blocks: ExpertBlocks, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    w13: Int4Weight,
+    blocks: ExpertBlocks,
+    out: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """silu(gate_e(x_t)) * up_e(x_t) for every assignment (t, e), at row t * top_k + slot of `out` [M * top_k, I]."""
     _check_packed(w13, "w13")
     x = x.contiguous()
     if out is None:
         out = x.new_empty(x.shape[0] * blocks.top_k, w13.out_features // 2)
-    return _expert_gemm(x, w13, blocks, out, gate_up=True, router_weights=None)
+    return _expert_gemm(x, w13, blocks, out, gate_up=True, router_weights=None, config=config)
 
 
 def expert_down(
@@ -347,6 +368,7 @@ def expert_down(
     topk_weights: torch.Tensor,
     blocks: ExpertBlocks,
     out: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """topk_weights[t, slot] * down_e(h[row]) for every assignment row of `h` [M * top_k, I]: `out` [M * top_k, H]."""
     _check_packed(w2, "w2")
@@ -354,7 +376,7 @@ def expert_down(
     if out is None:
         out = h.new_empty(h.shape[0], w2.out_features)
     router_weights = topk_weights.reshape(-1).float().contiguous()
-    return _expert_gemm(h, w2, blocks, out, gate_up=False, router_weights=router_weights)
+    return _expert_gemm(h, w2, blocks, out, gate_up=False, router_weights=router_weights, config=config)
 
 
 def fused_moe_triton(
@@ -364,9 +386,12 @@ def fused_moe_triton(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    configs: tuple[GemmConfig, GemmConfig] | None = None,
 ) -> torch.Tensor:
     """fused_moe_reference's math in Triton: align to experts, gate/up GEMM with SiLU-and-multiply, down GEMM
-    with the router weight, then the top-k sum. Never syncs with the host, so it can sit in a CUDA graph."""
+    with the router weight, then the top-k sum. Never syncs with the host, so it can sit in a CUDA graph.
+    `block_m` and `configs` (gate/up, down) override the launch shapes picked from the token count."""
     num_tokens, hidden = x.shape
     num_experts, top_k = w13.packed.shape[0], topk_ids.shape[1]
     inter = w2.in_features
@@ -378,9 +403,11 @@ def fused_moe_triton(
         )
     if num_tokens == 0:
         return x.new_zeros(0, hidden) if out is None else out
-    blocks = align_tokens_to_experts(topk_ids, num_experts, _block_m(topk_ids.numel(), num_experts))
-    h = expert_gate_up(x, w13, blocks)
-    y = expert_down(h, w2, topk_weights, blocks)
+    block_m = block_m or _block_m(topk_ids.numel(), num_experts)
+    blocks = align_tokens_to_experts(topk_ids, num_experts, block_m)
+    gate_up_config, down_config = configs or (None, None)
+    h = expert_gate_up(x, w13, blocks, config=gate_up_config)
+    y = expert_down(h, w2, topk_weights, blocks, config=down_config)
     return torch.sum(y.view(num_tokens, top_k, hidden), dim=1, out=out)
 
 

@@ -120,11 +120,11 @@ def _merge_kernel(
     tl.store(out_ptr + b * stride_ob + head * stride_oh + dl, out.to(out_ptr.dtype.element_ty), mask=dl < LATENT)
 
 
-def _num_splits(batch: int, head_blocks: int, max_len: int, device: torch.device) -> int:
-    """Enough (head block, split, sequence) programs to give every SM two, with splits of at least 256 tokens so the
-    merge stays small; from the block table's width rather than seq_lens, which would need a host sync."""
+def _num_splits(batch: int, head_blocks: int, max_len: int, device: torch.device, min_split: int = 256) -> int:
+    """Enough (head block, split, sequence) programs to give every SM two, with splits of at least `min_split` tokens
+    so the merge stays small; from the block table's width rather than seq_lens, which would need a host sync."""
     cores = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else os.cpu_count()
-    return max(1, min(triton.cdiv(2 * cores, batch * head_blocks), triton.cdiv(max_len, 256)))
+    return max(1, min(triton.cdiv(2 * cores, batch * head_blocks), triton.cdiv(max_len, min_split)))
 
 
 def mla_decode_triton(
@@ -136,10 +136,17 @@ def mla_decode_triton(
     kv_lora_rank: int,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    *,
+    block_n: int = 32,
+    num_stages: int = 2,
+    num_warps: int | None = None,
+    min_split: int = 256,
 ) -> torch.Tensor:
     """mla_decode_reference's math in Triton, split along the KV length and merged by log-sum-exp.
 
     Dots run in the cache's dtype (q is cast to it), accumulation and softmax in fp32. Never syncs with the host.
+    `block_n` (tokens per step), `num_stages`, `num_warps` and `min_split` (fewest tokens per split) are the launch
+    shape; the defaults are the tuned ones.
     """
     q, block_table = q.contiguous(), block_table.contiguous()
     batch, heads, dim = q.shape
@@ -158,7 +165,7 @@ def mla_decode_triton(
     block_h = min(64 if kv_cache.element_size() <= 2 else 16, max(16, triton.next_power_of_2(heads)))
     head_blocks = triton.cdiv(heads, block_h)
     if num_splits is None:
-        num_splits = _num_splits(batch, head_blocks, block_table.shape[1] * page_size, q.device)
+        num_splits = _num_splits(batch, head_blocks, block_table.shape[1] * page_size, q.device, min_split)
     final = num_splits == 1
     partial = out if final else q.new_empty(batch, heads, num_splits, kv_lora_rank, dtype=torch.float32)
     lse = q.new_empty(batch, heads, num_splits, dtype=torch.float32)
@@ -168,10 +175,10 @@ def mla_decode_triton(
         q.stride(0), q.stride(1), kv_cache.stride(1), block_table.stride(0),
         partial.stride(0), partial.stride(1), 0 if final else partial.stride(2), lse.stride(0), lse.stride(1),
         PAGE_SIZE=page_size, LATENT=kv_lora_rank, ROPE=rope,
-        BLOCK_H=block_h, BLOCK_N=32,
+        BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_L=triton.next_power_of_2(kv_lora_rank), BLOCK_R=max(16, triton.next_power_of_2(rope)),
         FINAL=final, INTERPRETED=interpreted(_split_kernel), PRECISION=dot_precision(kv_cache.dtype),
-        num_warps=8 if block_h == 64 else 4, num_stages=2,
+        num_warps=num_warps or (8 if block_h == 64 else 4), num_stages=num_stages,
     )  # fmt: skip
     if not final:
         _merge_kernel[(heads, batch)](
