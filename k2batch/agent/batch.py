@@ -67,11 +67,19 @@ def episode_spec(job: Job, config: BatchConfig, engine: Engine, registry: ToolRe
 
 
 def run_shard(
-    engine: Engine, shard: Shard, output_uri: str, config: BatchConfig, registry: ToolRegistry = TOOLS
+    engine: Engine,
+    shard: Shard,
+    output_uri: str,
+    config: BatchConfig,
+    registry: ToolRegistry = TOOLS,
+    *,
+    attempt: int = 1,
 ) -> ShardManifest:
-    """Validate a shard's rows, run its jobs' episodes, write results, traces and (last) the manifest."""
+    """Validate a shard's rows, run its jobs' episodes, write results, traces and (last) the manifest.
+
+    `attempt` counts tries of this shard (an orchestrator's retries); results and the manifest record it."""
     options = config.storage.options
-    manifest = new_manifest(shard, config_hash(config))
+    manifest = new_manifest(shard, config_hash(config), attempt)
     started = time.perf_counter()
     inputs = read_shard_rows(shard, options)
     tokenizer = engine.tokenizer
