@@ -1,0 +1,278 @@
+"""Assets of a batch (one dynamic partition per batch): the validated shard plan, the shard results, the report.
+
+shard_results is a graph: one `run_shard` step per shard (dynamic outputs), so a failed shard is retried
+alone by its RetryPolicy, a shard whose manifest is in place is skipped, and each step can run on its own
+machine (a pod per step under k8s_job_executor) since every input a step needs is on the storage root."""
+
+from collections import Counter
+from collections.abc import Iterator
+
+import dagster as dg
+import msgspec
+from pydantic import Field
+
+from k2batch.agent.batch import run_shard, summarize
+from k2batch.agent.tools import TOOLS
+from k2batch.config import BatchConfig, ConfigError, StorageConfig, config_hash
+from k2batch.records import Result, validate_jobs
+from k2batch.shards import (
+    InputError,
+    Shard,
+    ShardManifest,
+    ShardPlan,
+    completed_shards,
+    manifest_uri,
+    plan_shards,
+    read_shard_rows,
+    summary_uri,
+)
+from k2batch.storage import StorageOptions, read_json, write_json_atomic
+from pipelines import report
+from pipelines.batch_config import BatchRunConfig
+from pipelines.batches import inputs_uri, list_batches, outputs_uri
+from pipelines.resources import EngineResource, StorageResource
+from pipelines.settings import load_settings
+
+SETTINGS = load_settings()
+GROUP = "batch"
+ROWS_CHECK = "rows_in_equals_rows_out"
+ERROR_RATE_CHECK = "error_rate_below_threshold"
+SHOWN_INVALID_ROWS = 20
+
+batches = dg.DynamicPartitionsDefinition(name="batches")
+
+
+class BatchPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What every later step of a batch needs: where it reads and writes, its config and its shards."""
+
+    batch: str
+    input_uri: str
+    output_uri: str
+    config: BatchConfig
+    """The run's config; its storage options carry no secrets (steps add the storage resource's)."""
+    plan: ShardPlan
+    invalid: tuple[Result, ...]
+    """Rows that will become status "invalid" results (prompt length is checked later, with the tokenizer)."""
+
+
+class ShardTask(msgspec.Struct, frozen=True, kw_only=True):
+    """One shard step's input: self-contained, so any machine can run it."""
+
+    output_uri: str
+    config: BatchConfig
+    shard: Shard
+
+
+def with_storage(config: BatchConfig, storage: StorageResource) -> BatchConfig:
+    return msgspec.structs.replace(config, storage=StorageConfig(options=storage.fsspec_options()))
+
+
+def invalid_rows(plan: ShardPlan, config: BatchConfig, options: StorageOptions) -> list[Result]:
+    invalid = []
+    for shard in plan.shards:
+        _, rejected = validate_jobs(
+            read_shard_rows(shard, options), known_tools=TOOLS.names(), default_tools=config.tools.enabled
+        )
+        invalid += rejected
+    return invalid
+
+
+@dg.asset(partitions_def=batches, group_name=GROUP, kinds={"parquet"})
+def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storage: StorageResource) -> dg.Output:
+    """The batch's input rows cut into shards, every row checked against the input schema: bad rows are
+    listed in the metadata (they become status "invalid" results); an unreadable file fails the step."""
+    batch = context.partition_key
+    options = storage.fsspec_options()
+    listing = list_batches(storage.root, options)
+    if batch in listing.ambiguous:
+        raise dg.Failure(f"batch {batch!r} is claimed by {', '.join(listing.ambiguous[batch])}; rename one")
+    if batch not in listing.batches:
+        where = inputs_uri(storage.root)
+        raise dg.Failure(f"no batch {batch!r}: expected {where}/{batch}/*.parquet or {where}/{batch}.parquet")
+    found = listing.batches[batch]
+    try:
+        batch_config = config.batch_config()
+        plan = plan_shards(found.input_uri, batch_config.shards.rows_per_shard, options)
+    except (ConfigError, InputError) as exc:
+        raise dg.Failure(str(exc)) from None
+    if not plan.shards:
+        raise dg.Failure(f"{found.input_uri}: its {len(plan.files)} file(s) hold no rows")
+    invalid = invalid_rows(plan, batch_config, options)
+    stored = msgspec.structs.replace(batch_config, storage=StorageConfig(options=dict(storage.options)))
+    value = BatchPlan(
+        batch=batch,
+        input_uri=found.input_uri,
+        output_uri=outputs_uri(storage.root, batch),
+        config=stored,
+        plan=plan,
+        invalid=tuple(invalid),
+    )
+    by_error = Counter(result.error_type for result in invalid)
+    shown = [
+        (r.source_file, r.source_row, r.job_id, r.error_type, r.error_message) for r in invalid[:SHOWN_INVALID_ROWS]
+    ]
+    return dg.Output(
+        value,
+        metadata={
+            "rows": plan.num_rows,
+            "shards": len(plan.shards),
+            "rows_per_shard": plan.rows_per_shard,
+            "files": len(plan.files),
+            "empty_files": len(plan.empty_files),
+            "invalid_rows": len(invalid),
+            "invalid_by_error": dg.MetadataValue.md(
+                report.markdown_table(["error_type", "rows"], sorted(by_error.items())) if invalid else "none"
+            ),
+            "invalid_rows_first": dg.MetadataValue.md(
+                report.markdown_table(["file", "row", "job_id", "error_type", "error_message"], shown)
+                if invalid
+                else "none"
+            ),
+            "input": found.input_uri,
+            "output": value.output_uri,
+            "model": batch_config.model,
+            "config_hash": config_hash(batch_config),
+        },
+    )
+
+
+@dg.op(out=dg.DynamicOut(ShardTask))
+def split_shards(shard_plan: BatchPlan) -> Iterator[dg.DynamicOutput]:
+    """One output per shard, each mapped to its own run_shard step."""
+    for shard in shard_plan.plan.shards:
+        task = ShardTask(output_uri=shard_plan.output_uri, config=shard_plan.config, shard=shard)
+        yield dg.DynamicOutput(task, mapping_key=f"shard_{shard.index:05d}")
+
+
+@dg.op(
+    name="run_shard",
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(
+        max_retries=SETTINGS.shards.max_retries,
+        delay=SETTINGS.shards.retry_delay_s,
+        backoff=dg.Backoff.EXPONENTIAL,
+    ),
+)
+def run_shard_step(
+    context: dg.OpExecutionContext, task: ShardTask, storage: StorageResource, engine: EngineResource
+) -> dg.Output:
+    """Run one shard's episodes and write its results, traces and manifest; skipped when its manifest (same
+    inputs, same config) is in place. Retried alone when it fails; the results record the attempt."""
+    config = with_storage(task.config, storage)
+    options, shard = config.storage.options, task.shard
+    alone = ShardPlan(shards=(shard,), files=(), empty_files=(), rows_per_shard=shard.num_rows, num_rows=shard.num_rows)
+    skipped = bool(completed_shards(task.output_uri, alone, config_hash(config), options))
+    if skipped:
+        context.log.info(f"shard {shard.index} is complete under {task.output_uri}; skipping it")
+        manifest = read_json(manifest_uri(task.output_uri, shard.index), options, type=ShardManifest)
+    else:
+        manifest = run_shard(
+            engine.load(config.model, config.engine), shard, task.output_uri, config, attempt=context.retry_number + 1
+        )
+    return dg.Output(
+        manifest,
+        metadata={
+            "shard": shard.index,
+            "rows": manifest.rows_out,
+            "skipped": skipped,
+            "attempt": manifest.attempt,
+            "run_s": manifest.timings.get("run_s", 0.0),
+            **{f"status_{status}": n for status, n in manifest.rows_by_status.items()},
+        },
+    )
+
+
+@dg.op
+def gather_shards(manifests: list[ShardManifest]) -> list[ShardManifest]:
+    return sorted(manifests, key=lambda manifest: manifest.shard)
+
+
+@dg.graph_asset(partitions_def=batches, group_name=GROUP, kinds={"parquet"})
+def shard_results(shard_plan):
+    """Results and traces of every shard under outputs/{batch}/ (one run_shard step per shard), and their
+    manifests."""
+    return gather_shards(split_shards(shard_plan).map(run_shard_step).collect())
+
+
+class ReportRunConfig(dg.Config):
+    max_error_rate: float = Field(
+        SETTINGS.checks.max_error_rate, description="The error-rate check fails above this fraction of rows."
+    )
+    error_statuses: list[str] = Field(
+        list(SETTINGS.checks.error_statuses), description="Result statuses that count as errors."
+    )
+
+
+@dg.asset(
+    partitions_def=batches,
+    group_name=GROUP,
+    kinds={"polars"},
+    check_specs=[
+        dg.AssetCheckSpec(ROWS_CHECK, asset="batch_report", description="Every input row has one result row."),
+        dg.AssetCheckSpec(
+            ERROR_RATE_CHECK, asset="batch_report", description="Rows with an error status stay under the threshold."
+        ),
+    ],
+)
+def batch_report(
+    context: dg.AssetExecutionContext,
+    config: ReportRunConfig,
+    shard_plan: BatchPlan,
+    shard_results: list[ShardManifest],
+    storage: StorageResource,
+) -> dg.MaterializeResult:
+    """Batch totals: rows per status, tokens, cache hit rate, throughput and API-equivalent cost, with charts of
+    steps per episode and tokens per task; writes outputs/{batch}/summary.json (as `k2batch run` does)."""
+    batch_config = with_storage(shard_plan.config, storage)
+    options, output = batch_config.storage.options, shard_plan.output_uri
+    finished = [m.finished_at for m in shard_results if m.finished_at is not None]
+    summary = {
+        **summarize(output, options),
+        "shards": len(shard_plan.plan.shards),
+        "model": batch_config.model,
+        "config_hash": config_hash(batch_config),
+        "run_s": max(finished) - min(m.started_at for m in shard_results) if finished else 0.0,
+        "engine": None,  # shard steps may run on different machines, each with its own engine
+    }
+    write_json_atomic(summary_uri(output), summary, options)
+    results = report.scan_results(output, options)
+    tasks = report.tasks_table(results, batch_config.prices)
+    totals = report.totals(summary, tasks)
+    by_status = summary["rows_by_status"]
+
+    rows_in, rows_out = shard_plan.plan.num_rows, summary["rows"]
+    errors = sum(by_status.get(status, 0) for status in config.error_statuses)
+    error_rate = errors / max(rows_out, 1)
+    checks = [
+        dg.AssetCheckResult(
+            check_name=ROWS_CHECK,
+            passed=rows_in == rows_out,
+            metadata={"rows_in": rows_in, "rows_out": rows_out},
+            description=None if rows_in == rows_out else f"{rows_in} input rows but {rows_out} result rows",
+        ),
+        dg.AssetCheckResult(
+            check_name=ERROR_RATE_CHECK,
+            passed=error_rate <= config.max_error_rate,
+            metadata={"error_rate": error_rate, "max_error_rate": config.max_error_rate, "error_rows": errors},
+        ),
+    ]
+    context.log.info(f"batch {shard_plan.batch}: {rows_out} rows {by_status}")
+    return dg.MaterializeResult(
+        metadata={
+            **totals,
+            "rows_by_status": dg.MetadataValue.md(report.markdown_table(["status", "rows"], sorted(by_status.items()))),
+            "tasks": dg.MetadataValue.md(report.tasks_markdown(tasks)),
+            "steps_per_episode": dg.MetadataValue.md(report.steps_chart(report.steps_histogram(results))),
+            "tokens_per_task": dg.MetadataValue.md(report.tokens_chart(tasks)),
+            "summary": dg.MetadataValue.path(summary_uri(output)),
+            "model": batch_config.model,
+        },
+        check_results=checks,
+    )
+
+
+batch_job = dg.define_asset_job(
+    "batch_job",
+    selection=dg.AssetSelection.assets(shard_plan, shard_results, batch_report),
+    description="Plan, run and report one batch (a partition of `batches`).",
+)

@@ -1,0 +1,99 @@
+"""Resources: the storage root (with its fsspec options), the engine (one model load per run process),
+and an IO manager that keeps step outputs under the storage root, so steps can run on different machines."""
+
+import pickle
+from typing import Any
+
+import dagster as dg
+import msgspec
+from pydantic import Field, PrivateAttr
+
+from k2batch.config import SECRET_OPTIONS
+from k2batch.engine import Engine, EngineConfig
+from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Where batches live: {root}/inputs/, {root}/outputs/ and Dagster's step outputs under {root}/dagster/."""
+
+    root: str = Field(description="Storage root: a local path or fsspec URI such as s3://bucket/prefix.")
+    options: dict[str, Any] = Field(
+        default={},
+        description="fsspec options for object stores (s3fs: endpoint_url, client_kwargs = {region_name}); "
+        "no secrets here.",
+    )
+    key: str | None = Field(default=None, description="S3 access key id: only as an EnvVar, never a literal.")
+    secret: str | None = Field(default=None, description="S3 secret access key: only as an EnvVar.")
+    token: str | None = Field(default=None, description="S3 session token: only as an EnvVar.")
+
+    def model_post_init(self, context: Any) -> None:
+        super().model_post_init(context)
+        nested = self.options.get("client_kwargs") or {}
+        leaked = sorted(SECRET_OPTIONS & (set(self.options) | set(nested)))
+        if leaked:
+            raise ValueError(
+                f"storage options hold {', '.join(leaked)}: pass credentials as key/secret/token with "
+                "dg.EnvVar (or leave them to the AWS_* environment), never in options"
+            )
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """The options with the credentials given as EnvVars, for k2batch's storage functions."""
+        secrets = {"key": self.key, "secret": self.secret, "token": self.token}
+        return {**self.options, **{name: value for name, value in secrets.items() if value}}
+
+
+class EngineResource(dg.ConfigurableResource):
+    """The offline engine. A run process loads a model once and reuses it for every shard step it runs."""
+
+    torch_threads: int = Field(
+        default=0, description="torch CPU threads in the run process; 0 leaves torch's default."
+    )
+    _engines: dict[bytes, Engine] = PrivateAttr(default_factory=dict)
+
+    def load(self, model: str, config: EngineConfig) -> Engine:
+        """The engine for `model` with `config`, built on first use in this process."""
+        key = msgspec.json.encode((model, config))
+        if key not in self._engines:
+            self._engines.clear()  # one model in memory at a time
+            if self.torch_threads:
+                import torch
+
+                torch.set_num_threads(self.torch_threads)
+            self._engines[key] = self.build(model, config)
+        return self._engines[key]
+
+    def build(self, model: str, config: EngineConfig) -> Engine:
+        return Engine.from_pretrained(model, config)
+
+
+class StorageIOManager(dg.ConfigurableIOManager):
+    """Pickles step outputs under {root}/dagster/: assets by key and partition, op outputs by run and step.
+
+    The default IO manager writes to the local disk of the process that ran the step; this one lets a
+    shard step on another machine (a k8s pod) read what the plan step wrote."""
+
+    storage: dg.ResourceDependency[StorageResource]
+
+    def _uri(self, context: dg.OutputContext | dg.InputContext) -> str:
+        if context.has_asset_key:
+            parts = ["assets", *context.asset_key.path]
+            if context.has_asset_partitions:
+                parts.append(context.asset_partition_key)
+        else:
+            output = context if isinstance(context, dg.OutputContext) else context.upstream_output
+            parts = ["steps", *output.get_identifier()]
+        return join(self.storage.root, "dagster", *parts) + ".pickle"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        uri = self._uri(context)
+        write_bytes_atomic(uri, pickle.dumps(obj), self.storage.fsspec_options())
+        context.add_output_metadata({"uri": uri})
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        uri = self._uri(context)
+        options = self.storage.fsspec_options()
+        if not exists(uri, options):
+            raise dg.Failure(f"{uri} is missing: materialize the upstream asset of {context.name!r} first")
+        return pickle.loads(read_bytes(uri, options))

@@ -1,0 +1,66 @@
+"""The inputs sensor: a new or changed Parquet file under {root}/inputs/ adds its batch's partition and runs it."""
+
+import dagster as dg
+import msgspec
+
+from k2batch.storage import FileInfo, list_files
+from pipelines.assets import SETTINGS, batch_job, batches
+from pipelines.batches import BatchInput, batch_of, inputs_uri, list_batches
+from pipelines.resources import StorageResource
+
+
+class InputsCursor(msgspec.Struct, frozen=True):
+    """The newest last-modified time seen, and the fingerprints of the files modified within the lookback
+    before it: a file is new or changed when it is in that window (or later) and its fingerprint differs."""
+
+    mtime: float = float("-inf")
+    seen: dict[str, str] = {}
+
+    @classmethod
+    def decode(cls, text: str | None) -> "InputsCursor":
+        return msgspec.json.decode(text, type=cls) if text else cls()
+
+    def encode(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    def advance(self, files: list[FileInfo], lookback_s: float) -> tuple[list[FileInfo], "InputsCursor"]:
+        """Files new or changed since this cursor, and the cursor after them."""
+        horizon = self.mtime - lookback_s
+        changed = [f for f in files if f.mtime > horizon and self.seen.get(f.uri) != f.etag_or_hash]
+        newest = max([self.mtime, *(f.mtime for f in files)])
+        seen = {f.uri: f.etag_or_hash for f in files if f.mtime > newest - lookback_s}
+        return changed, InputsCursor(mtime=newest, seen=seen)
+
+
+def run_request(batch: BatchInput, source: str) -> dg.RunRequest:
+    """A run of `batch` as its files are now: the same files with the same content never run twice."""
+    return dg.RunRequest(
+        partition_key=batch.name,
+        run_key=f"{source}:{batch.name}:{batch.fingerprint}",
+        tags={"k2batch/input": batch.input_uri, "k2batch/fingerprint": batch.fingerprint},
+    )
+
+
+@dg.sensor(
+    job=batch_job,
+    minimum_interval_seconds=SETTINGS.sensor.minimum_interval_s,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def batch_inputs(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    """Watches {root}/inputs/ (not inputs/nightly/, which the nightly schedule runs) for Parquet files."""
+    options = storage.fsspec_options()
+    inputs = inputs_uri(storage.root)
+    files = list_files(inputs, options)
+    changed, cursor = InputsCursor.decode(context.cursor).advance(files, SETTINGS.sensor.lookback_s)
+    listing = list_batches(storage.root, options, files=files)
+    touched = sorted({owner[0] for file in changed if (owner := batch_of(inputs, file)) is not None})
+    ready = [listing.batches[name] for name in touched if name in listing.batches]
+    ready = [batch for batch in ready if not batch.nightly]
+    if not ready:
+        return dg.SensorResult(skip_reason=f"no new or changed batch under {inputs}", cursor=cursor.encode())
+    context.log.info(f"batches to run: {', '.join(batch.name for batch in ready)}")
+    return dg.SensorResult(
+        run_requests=[run_request(batch, "inputs") for batch in ready],
+        dynamic_partitions_requests=[batches.build_add_request([batch.name for batch in ready])],
+        cursor=cursor.encode(),
+    )

@@ -1,0 +1,73 @@
+"""Settings of the Dagster definitions: configs/dagster.toml, with K2BATCH_* environment overrides."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import msgspec
+
+from k2batch.config import ConfigError
+
+DAGSTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster.toml"
+Executor = Literal["in_process", "multiprocess", "k8s"]
+EXECUTORS: tuple[str, ...] = get_args(Executor)
+
+
+class SensorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    minimum_interval_s: int
+    lookback_s: float
+    """Files this much older than the newest one seen are looked at again (late listings on object stores)."""
+
+
+class NightlySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    cron: str
+    timezone: str
+
+
+class ShardRetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_retries: int
+    retry_delay_s: float
+
+
+class CheckSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_error_rate: float
+    error_statuses: tuple[str, ...]
+
+
+class PipelineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    root: str
+    """Storage root: {root}/inputs/, {root}/outputs/, {root}/dagster/."""
+    batch_config: str
+    """TOML overlaying configs/default.toml; empty for none."""
+    executor: Executor
+    sensor: SensorSettings
+    nightly: NightlySettings
+    shards: ShardRetrySettings
+    checks: CheckSettings
+
+
+def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the Dagster settings ({exc})") from exc
+
+
+def load_settings(path: str | os.PathLike[str] = DAGSTER_CONFIG) -> PipelineSettings:
+    """The TOML at `path`, overlaid table by table by the TOML named in K2BATCH_DAGSTER_SETTINGS, then
+    K2BATCH_ROOT, K2BATCH_CONFIG and K2BATCH_EXECUTOR from the environment."""
+    data = _read(path)
+    if os.environ.get("K2BATCH_DAGSTER_SETTINGS"):
+        for key, value in _read(os.environ["K2BATCH_DAGSTER_SETTINGS"]).items():
+            data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    for key, variable in (("root", "K2BATCH_ROOT"), ("batch_config", "K2BATCH_CONFIG"), ("executor", "K2BATCH_EXECUTOR")):
+        if os.environ.get(variable):
+            data[key] = os.environ[variable]
+    try:
+        return msgspec.convert(data, PipelineSettings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path} (with K2BATCH_* overrides): {exc}") from None

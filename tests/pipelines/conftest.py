@@ -1,0 +1,70 @@
+"""Dagster test setup: test settings (retries without delay), the model to run, a scripted engine, inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# Before pipelines is imported: its ops read the settings once, when they are defined.
+os.environ.setdefault("K2BATCH_DAGSTER_SETTINGS", str(Path(__file__).with_name("settings.toml")))
+
+from k2batch.engine import Engine, EngineConfig  # noqa: E402
+from pipelines.resources import EngineResource  # noqa: E402
+from tests.agent.conftest import k2_checkpoint, one_torch_thread, script_first_step  # noqa: E402, F401
+from tests.agent.test_episode import CALLS  # noqa: E402
+
+JOBS = pa.table({
+    "job_id": ["j1", "j2", "j2", None, "j5"],
+    "task": ["synthesis", "retrieval", "draft", "draft", None],
+    "prompt": ["What is 2+3?", "Find Paris.", "dup", "no id", "Hi"],
+    "tools": [None, ["calculator"], None, None, ["teleport"]],
+    "customer": ["a", "b", "c", "d", "e"],
+})  # fmt: skip
+"""Five jobs, three of them invalid (duplicate id, missing id, unknown tool): two shards of three rows."""
+
+
+@pytest.fixture(scope="session")
+def batch_model(k2_checkpoint) -> str:
+    """The checkpoint the pipeline tests run: K2BATCH_TEST_MODEL (say workspace/models/k2-demo), else a tiny
+    random K2 checkpoint whose first steps are scripted to call tools."""
+    return os.environ.get("K2BATCH_TEST_MODEL") or str(k2_checkpoint)
+
+
+class ScriptedEngine(EngineResource):
+    """The real engine, with every episode's first step forced to call tools (tests/agent's policy)."""
+
+    def build(self, model: str, config: EngineConfig) -> Engine:
+        engine = super().build(model, config)
+        if not os.environ.get("K2BATCH_TEST_MODEL"):
+            script_first_step(engine, engine.tokenizer.encode_chat(CALLS))
+        return engine
+
+
+def batch_run_config(model: str, **report: Any) -> dict[str, Any]:
+    """Run config of batch_job (and dg.materialize): small budgets, greedy, two tools, three rows per shard."""
+    config: dict[str, Any] = {
+        "shard_plan": {
+            "config": {
+                "model": model,
+                "engine": {"max_num_seqs": 8, "num_kv_blocks": 512},
+                "sampling": {"temperature": 0.0, "max_new_tokens": 72},
+                "agent": {"max_steps": 3, "max_new_tokens_per_episode": 76, "tool_workers": 2},
+                "tools": {"enabled": ["calculator", "now"]},
+                "rows_per_shard": 3,
+            }
+        }
+    }
+    if report:
+        config["batch_report"] = {"config": report}
+    return {"ops": config}
+
+
+def write_jobs(path: Path, table: pa.Table = JOBS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path

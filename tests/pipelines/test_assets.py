@@ -1,0 +1,169 @@
+"""The whole asset graph of a batch, materialized with dg.materialize on a temporary instance."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from k2batch.engine import Engine, EngineConfig
+from pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
+from pipelines.resources import StorageIOManager, StorageResource
+from tests.pipelines.conftest import ScriptedEngine, batch_run_config, write_jobs
+
+ASSETS = [shard_plan, shard_results, batch_report]
+
+
+def materialize(root, model, instance, batch="b1", engine=None, **report):
+    storage = StorageResource(root=str(root))
+    instance.add_dynamic_partitions(batches.name, [batch])
+    return dg.materialize(
+        ASSETS,
+        partition_key=batch,
+        instance=instance,
+        resources={"storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StorageIOManager(storage=storage)},
+        run_config=batch_run_config(model, **report),
+        raise_on_error=False,
+    )
+
+
+def metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path == [asset]]
+    return {key: value.value for key, value in event.materialization.metadata.items()}
+
+
+def checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+@pytest.fixture(scope="module")
+def materialized(batch_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    write_jobs(root / "inputs" / "b1" / "part-0.parquet")
+    with dg.instance_for_test() as instance:
+        result = materialize(root, batch_model, instance)
+        yield root, result, instance
+
+
+def test_whole_graph_writes_results_traces_and_summary(materialized):
+    root, result, _ = materialized
+    assert result.success
+    output = root / "outputs" / "b1"
+    results = pl.scan_parquet(f"{output}/results/**/*.parquet", hive_partitioning=True).collect().sort("source_row")
+    assert results["customer"].to_list() == ["a", "b", "c", "d", "e"]  # rows in == rows out, pass-through kept
+    assert results["error_type"].to_list()[2:] == ["duplicate_job_id", "missing_job_id", "unknown_tool"]
+    assert results["shard"].to_list() == [0, 0, 0, 1, 1]
+    assert sorted(p.name for p in (output / "manifests").iterdir()) == ["shard=00000.json", "shard=00001.json"]
+    traces = pl.read_parquet(f"{output}/traces/**/*.parquet")
+    assert traces.filter(pl.col("operation") == "execute_tool").height > 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["rows"] == 5 and summary["shards"] == 2 and summary["rows_by_status"]["invalid"] == 3
+
+
+def test_shard_plan_lists_invalid_rows_instead_of_failing(materialized):
+    _, result, _ = materialized
+    plan = metadata(result, "shard_plan")
+    assert plan["rows"] == 5 and plan["shards"] == 2 and plan["invalid_rows"] == 3
+    for error in ("duplicate_job_id", "missing_job_id", "unknown_tool"):
+        assert error in plan["invalid_by_error"]
+    assert "teleport" in plan["invalid_rows_first"]  # the unknown tool is named, with its file and row
+
+
+def test_each_shard_is_its_own_step(materialized):
+    _, result, _ = materialized
+    steps = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
+    assert {"shard_results.run_shard[shard_00000]", "shard_results.run_shard[shard_00001]"} <= steps
+
+
+def test_report_metadata_and_checks(materialized):
+    _, result, _ = materialized
+    report = metadata(result, "batch_report")
+    assert report["rows"] == 5
+    assert report["prompt_tokens"] > 0 and report["completion_tokens"] > 0
+    assert 0 <= report["cache_hit_rate"] <= 1 and report["cached_prompt_tokens"] > 0  # steps reuse the prefix
+    assert report["output_tokens_per_s"] > 0 and report["api_cost_usd"] > 0
+    assert "| invalid | 3 |" in report["rows_by_status"]
+    assert "█" in report["steps_per_episode"] and "█" in report["tokens_per_task"]
+    assert "retrieval" in report["tasks"]
+    evaluations = checks(result)
+    assert evaluations[ROWS_CHECK].passed
+    assert evaluations[ROWS_CHECK].metadata["rows_out"].value == 5
+    assert evaluations[ERROR_RATE_CHECK].passed  # no row errored; invalid rows are not errors by default
+
+
+def test_rerun_skips_complete_shards_and_checks_error_threshold(materialized, batch_model):
+    root, _, instance = materialized
+    # Counting invalid rows as errors, 3 of 5 is over a 10% threshold: the check fails, the run does not.
+    result = materialize(root, batch_model, instance, max_error_rate=0.1, error_statuses=["error", "invalid"])
+    assert result.success
+    shard_steps = [
+        e for e in result.get_step_success_events() if e.step_key.startswith("shard_results.run_shard")
+    ]
+    assert len(shard_steps) == 2
+    outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and "run_shard[" in e.step_key]
+    assert all(e.event_specific_data.metadata["skipped"].value for e in outputs)
+    evaluation = checks(result)[ERROR_RATE_CHECK]
+    assert not evaluation.passed and evaluation.metadata["error_rate"].value == pytest.approx(0.6)
+
+
+class FlakyEngine(ScriptedEngine):
+    """Fails the first request of job j1 (shard 0), as a lost GPU would."""
+
+    def build(self, model: str, config: EngineConfig) -> Engine:
+        engine = super().build(model, config)
+        add_request, failed = engine.add_request, []
+
+        def add(*args, **kwargs):
+            if not failed and str(kwargs.get("request_id", args[0] if args else "")).startswith("j1:"):
+                failed.append(True)
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return add_request(*args, **kwargs)
+
+        engine.add_request = add
+        return engine
+
+
+def test_failed_shard_is_retried_alone(batch_model, tmp_path):
+    write_jobs(tmp_path / "inputs" / "b2.parquet")
+    with dg.instance_for_test() as instance:
+        result = materialize(tmp_path, batch_model, instance, batch="b2", engine=FlakyEngine())
+    assert result.success
+    retried = [e.step_key for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert retried == ["shard_results.run_shard[shard_00000]"]
+    starts = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
+    assert starts.count("shard_results.run_shard[shard_00001]") == 1
+    results = pl.read_parquet(f"{tmp_path}/outputs/b2/results/**/*.parquet", hive_partitioning=True).sort("shard")
+    assert results["attempt"].to_list() == [2, 2, 2, 1, 1]
+
+
+def test_unreadable_input_fails_the_plan_with_the_file_named(batch_model, tmp_path):
+    (tmp_path / "inputs" / "b3").mkdir(parents=True)
+    (tmp_path / "inputs" / "b3" / "broken.parquet").write_bytes(b"PAR1 not really")
+    with dg.instance_for_test() as instance:
+        result = materialize(tmp_path, batch_model, instance, batch="b3")
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "shard_plan" and "broken.parquet" in failure.event_specific_data.error.message
+
+
+def test_missing_batch_fails_with_where_it_looked(batch_model, tmp_path):
+    with dg.instance_for_test() as instance:
+        result = materialize(tmp_path, batch_model, instance, batch="nothing")
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "no batch 'nothing'" in failure.event_specific_data.error.message
+
+
+def test_bad_pass_through_types_stay_rows(batch_model, tmp_path):
+    """A wrong-typed job column makes invalid rows, not a failed plan (schema errors per row)."""
+    table = pa.table({"job_id": ["x", "y"], "prompt": ["a", "b"], "max_steps": ["three", "four"]})
+    write_jobs(tmp_path / "inputs" / "b4" / "jobs.parquet", table)
+    with dg.instance_for_test() as instance:
+        result = materialize(tmp_path, batch_model, instance, batch="b4")
+    assert result.success
+    plan = metadata(result, "shard_plan")
+    assert plan["invalid_rows"] == 2 and "wrong_type" in plan["invalid_by_error"]
+    assert checks(result)[ROWS_CHECK].passed
