@@ -1,0 +1,161 @@
+"""The inputs sensor (build_sensor_context) and the nightly schedule (build_schedule_context) on a local root."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+from k2batch.storage import FileInfo
+from pipelines.assets import batches
+from pipelines.definitions import build_definitions
+from pipelines.resources import StorageResource
+from pipelines.schedules import nightly_batches
+from pipelines.sensors import InputsCursor, batch_inputs
+from tests.pipelines.conftest import write_jobs
+
+
+class Inputs:
+    """A storage root, and ticks of the sensor over it that carry the cursor from one tick to the next."""
+
+    def __init__(self, root, instance):
+        self.root, self.instance, self.cursor = root, instance, None
+
+    def write(self, relative: str, table: pa.Table | None = None, mtime: float | None = None):
+        path = write_jobs(self.root / "inputs" / relative, *([table] if table is not None else []))
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    def tick(self) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=self.instance, cursor=self.cursor, resources={"storage": StorageResource(root=str(self.root))}
+        )
+        result = batch_inputs(context)
+        self.cursor = result.cursor
+        return result
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    with dg.instance_for_test() as instance:
+        yield Inputs(tmp_path, instance)
+
+
+def requested(result: dg.SensorResult) -> dict[str, str]:
+    return {request.partition_key: request.run_key for request in result.run_requests or []}
+
+
+def test_new_file_launches_once(inputs):
+    inputs.write("b1/part-0.parquet")
+    first = inputs.tick()
+    assert list(requested(first)) == ["b1"]
+    (added,) = first.dynamic_partitions_requests
+    assert added.partitions_def_name == batches.name and list(added.partition_keys) == ["b1"]
+    assert requested(inputs.tick()) == {} and requested(inputs.tick()) == {}
+
+
+def test_modified_file_is_picked_up_with_a_new_run_key(inputs):
+    path = inputs.write("b1/part-0.parquet", mtime=1_000_000.0)
+    first = requested(inputs.tick())
+    inputs.write("b1/part-0.parquet", pa.table({"job_id": ["z"], "prompt": ["changed"]}), mtime=1_000_100.0)
+    second = requested(inputs.tick())
+    assert list(second) == ["b1"] and second["b1"] != first["b1"]
+    assert path.exists() and requested(inputs.tick()) == {}
+
+
+def test_unchanged_file_is_never_relaunched(inputs):
+    path = inputs.write("b1/part-0.parquet", mtime=1_000_000.0)
+    first = requested(inputs.tick())
+    os.utime(path, (1_000_050.0, 1_000_050.0))  # touched: newer, same bytes
+    assert requested(inputs.tick()) == {}
+    inputs.write("b2/part-0.parquet", mtime=2_000_000.0)  # b1 drops out of the cursor's window
+    assert list(requested(inputs.tick())) == ["b2"]
+    os.utime(path, (3_000_000.0, 3_000_000.0))  # touched again, long after: looked at, same content
+    # The same run key as its first run: Dagster never launches a run key of a sensor twice.
+    assert requested(inputs.tick()) == first
+
+
+def test_non_parquet_files_are_ignored(inputs):
+    (inputs.root / "inputs" / "b2").mkdir(parents=True)
+    (inputs.root / "inputs" / "b2" / "notes.csv").write_text("job_id,prompt\nx,y\n")
+    (inputs.root / "inputs" / "readme.txt").write_text("drop Parquet files here")
+    result = inputs.tick()
+    assert requested(result) == {} and result.skip_reason is not None
+
+
+def test_late_listed_file_older_than_the_cursor_is_not_missed(inputs):
+    inputs.write("b1/part-0.parquet", mtime=1_000_000.0)
+    inputs.tick()
+    # An upload that started before b1's (object stores stamp the start) but was listed only now.
+    inputs.write("b2/part-0.parquet", mtime=999_990.0)
+    assert list(requested(inputs.tick())) == ["b2"]
+
+
+def test_same_mtime_other_key_is_not_missed(inputs):
+    inputs.write("b2/part-0.parquet", mtime=1_000_000.0)
+    inputs.tick()
+    inputs.write("b1/part-0.parquet", mtime=1_000_000.0)  # sorts before b2, same second
+    assert list(requested(inputs.tick())) == ["b1"]
+
+
+def test_single_files_are_batches_and_nightly_waits_for_the_schedule(inputs):
+    inputs.write("b3.parquet")
+    inputs.write("nightly/n1/part-0.parquet")
+    assert list(requested(inputs.tick())) == ["b3"]
+
+
+def test_added_file_relaunches_its_batch(inputs):
+    inputs.write("b1/part-0.parquet", mtime=1_000_000.0)
+    first = requested(inputs.tick())
+    inputs.write("b1/part-1.parquet", mtime=1_000_100.0)
+    second = requested(inputs.tick())
+    assert list(second) == ["b1"] and second["b1"] != first["b1"]
+
+
+def test_ambiguous_batch_name_does_not_run(inputs):
+    inputs.write("b1/part-0.parquet")
+    inputs.write("nightly/b1.parquet")
+    inputs.write("b2.parquet")
+    assert list(requested(inputs.tick())) == ["b2"]
+
+
+def test_cursor_keeps_only_recent_fingerprints():
+    cursor = InputsCursor()
+    files = [FileInfo(f"r/inputs/b{k}.parquet", 1, 1000.0 * k, f"e{k}") for k in range(5)]
+    changed, after = cursor.advance(files, lookback_s=1500.0)
+    assert len(changed) == 5 and after.mtime == 4000.0 and sorted(after.seen) == ["r/inputs/b3.parquet", "r/inputs/b4.parquet"]
+
+
+def test_nightly_schedule_runs_queued_batches_not_yet_run(tmp_path):
+    write_jobs(tmp_path / "inputs" / "nightly" / "n1" / "part-0.parquet")
+    write_jobs(tmp_path / "inputs" / "nightly" / "n2.parquet")
+    write_jobs(tmp_path / "inputs" / "b1" / "part-0.parquet")  # the sensor's, not the schedule's
+    (tmp_path / "outputs" / "n2").mkdir(parents=True)
+    (tmp_path / "outputs" / "n2" / "summary.json").write_text("{}")  # n2 ran already
+    defs = build_definitions(storage=StorageResource(root=str(tmp_path)))
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(
+            instance=instance,
+            resources={"storage": StorageResource(root=str(tmp_path))},
+            scheduled_execution_time=datetime(2026, 11, 23, 2, 0, tzinfo=timezone.utc),
+            repository_def=defs.get_repository_def(),
+        )
+        data = nightly_batches.evaluate_tick(context)
+        (request,) = data.run_requests
+        assert request.partition_key == "n1" and request.run_key.startswith("nightly-2026-11-23:n1:")
+        assert instance.get_dynamic_partitions(batches.name) == ["n1"]
+        (tmp_path / "outputs" / "n1").mkdir(parents=True)
+        (tmp_path / "outputs" / "n1" / "summary.json").write_text("{}")
+        assert nightly_batches.evaluate_tick(context).skip_message
+
+
+def test_nightly_schedule_cron_and_timezone_come_from_the_settings():
+    from pipelines.settings import load_settings
+
+    settings = load_settings()
+    assert nightly_batches.cron_schedule == settings.nightly.cron
+    assert nightly_batches.execution_timezone == settings.nightly.timezone
