@@ -2,6 +2,7 @@
 and an IO manager that keeps step outputs under the storage root, so steps can run on different machines."""
 
 import pickle
+import re
 from typing import Any
 
 import dagster as dg
@@ -11,6 +12,8 @@ from pydantic import Field, PrivateAttr
 from k2batch.config import SECRET_OPTIONS
 from k2batch.engine import Engine, EngineConfig
 from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
+
+_GLOB = re.compile(r"[\[\]*?]+")
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -81,7 +84,8 @@ class StorageIOManager(dg.ConfigurableIOManager):
                 parts.append(context.asset_partition_key)
         else:
             output = context if isinstance(context, dg.OutputContext) else context.upstream_output
-            parts = ["steps", *output.get_identifier()]
+            # Step keys of mapped steps hold brackets (run_shard[shard_00001]), which fsspec reads as globs.
+            parts = ["steps", *(_GLOB.sub("-", part).rstrip("-") for part in output.get_identifier())]
         return join(self.storage.root, "dagster", *parts) + ".pickle"
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
