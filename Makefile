@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13.0 lies on this machine's disk; a GPU machine brings its own torch (>= 2.11).
 TORCH_SPEC ?= torch==2.13.0 triton==3.7.1
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo dagster clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test-fast: install
 
 demo: install
 	$(VENV)/bin/k2batch demo
+
+# The Dagster UI and daemon (sensor, schedule, run queue) on the embedded default: http://127.0.0.1:3000
+dagster: install
+	DAGSTER_HOME=$(CURDIR)/workspace/dagster_home $(VENV)/bin/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000
 
 clean:
 	rm -rf $(VENV) build *.egg-info
