@@ -13,7 +13,8 @@ class InputsCursor(msgspec.Struct, frozen=True):
     """The newest last-modified time seen, and the fingerprints of the files modified within the lookback
     before it: a file is new or changed when it is in that window (or later) and its fingerprint differs."""
 
-    mtime: float = float("-inf")
+    mtime: float = 0.0
+    """Unix seconds (JSON has no -inf: before the first file, the epoch)."""
     seen: dict[str, str] = {}
 
     @classmethod

@@ -85,6 +85,8 @@ def test_non_parquet_files_are_ignored(inputs):
     (inputs.root / "inputs" / "readme.txt").write_text("drop Parquet files here")
     result = inputs.tick()
     assert requested(result) == {} and result.skip_reason is not None
+    inputs.write("b3/part-0.parquet")  # the cursor of a tick that saw no Parquet file reads back
+    assert list(requested(inputs.tick())) == ["b3"]
 
 
 def test_late_listed_file_older_than_the_cursor_is_not_missed(inputs):
