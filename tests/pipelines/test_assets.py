@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -167,3 +168,16 @@ def test_bad_pass_through_types_stay_rows(batch_model, tmp_path):
     plan = metadata(result, "shard_plan")
     assert plan["invalid_rows"] == 2 and "wrong_type" in plan["invalid_by_error"]
     assert checks(result)[ROWS_CHECK].passed
+
+
+def test_readme_polars_snippet_reads_the_outputs(materialized, capsys):
+    root, _, _ = materialized
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Dagster") :]
+    snippet = section[section.index("```python\n") + len("```python\n") :]
+    snippet = snippet[: snippet.index("```")]
+    line = 'root, batch = "workspace/storage", "my-batch"'
+    assert line in snippet
+    exec(snippet.replace(line, f"root, batch = {str(root)!r}, 'b1'"), {})
+    printed = capsys.readouterr().out
+    assert "retrieval" in printed and "calculator" in printed
