@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 import polars as pl
@@ -181,3 +182,19 @@ def test_readme_polars_snippet_reads_the_outputs(materialized, capsys):
     exec(snippet.replace(line, f"root, batch = {str(root)!r}, 'b1'"), {})
     printed = capsys.readouterr().out
     assert "retrieval" in printed and "calculator" in printed
+
+
+class CountingEngine(ScriptedEngine):
+    builds: ClassVar[list[str]] = []
+
+    def build(self, model: str, config: EngineConfig) -> Engine:
+        CountingEngine.builds.append(model)
+        return super().build(model, config)
+
+
+def test_model_loads_once_per_run_process(batch_model, tmp_path):
+    write_jobs(tmp_path / "inputs" / "b5" / "jobs.parquet")
+    with dg.instance_for_test() as instance:
+        result = materialize(tmp_path, batch_model, instance, batch="b5", engine=CountingEngine())
+    assert result.success and len(result.get_step_success_events()) >= 6  # two shard steps among them
+    assert CountingEngine.builds == [batch_model]

@@ -161,3 +161,9 @@ def test_nightly_schedule_cron_and_timezone_come_from_the_settings():
     settings = load_settings()
     assert nightly_batches.cron_schedule == settings.nightly.cron
     assert nightly_batches.execution_timezone == settings.nightly.timezone
+
+
+def test_names_that_cannot_be_partition_keys_are_ignored(inputs):
+    inputs.write("my batch/part-0.parquet")
+    inputs.write("ok-batch_1.v2/part-0.parquet")
+    assert list(requested(inputs.tick())) == ["ok-batch_1.v2"]
