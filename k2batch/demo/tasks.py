@@ -1,0 +1,209 @@
+"""Demo jobs (retrieval, draft, synthesis) over the synthetic world, their gold episodes, and answer grading."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from k2batch.demo.world import Entity, World
+
+TASKS = ("retrieval", "draft", "synthesis")
+SEARCH_K = 3
+
+# (kind, fact): question, what the fact is called in reasoning, answer sentence.
+RETRIEVAL = {
+    ("city", "founded"): ("When was {n} founded?", "founding year", "{n} was founded in {v}"),
+    ("city", "population"): ("What is the population of {n}?", "population", "{n} has a population of {v}"),
+    ("city", "region"): ("In which region is {n}?", "region", "{n} is in the {v} region"),
+    ("city", "elevation"): ("What is the elevation of {n}?", "elevation", "{n} lies at an elevation of {v} m"),
+    ("company", "founded"): ("When was {n} founded?", "founding year", "{n} was founded in {v}"),
+    ("company", "employees"): ("How many employees does {n} have?", "number of employees", "{n} has {v} employees"),
+    ("company", "sector"): ("Which sector is {n} in?", "sector", "{n} is in the {v} sector"),
+    ("company", "city"): ("Where is {n} based?", "home city", "{n} is based in {v}"),
+    ("person", "born"): ("When was {n} born?", "birth year", "{n} was born in {v}"),
+    ("person", "patents"): ("How many patents does {n} hold?", "number of patents", "{n} holds {v} patents"),
+    ("person", "profession"): ("What does {n} do for a living?", "profession", "{n} works as a {v}"),
+    ("person", "city"): ("Where does {n} live?", "home city", "{n} lives in {v}"),
+}  # fmt: skip
+PROFILE = {
+    "city": "{n} is a city in the {region} region, founded in {founded}, with {population} people at {elevation} m",
+    "company": "{n} is a {sector} company based in {city}, founded in {founded}, with {employees} employees",
+    "person": "{n} is a {profession} from {city}, born in {born}, with {patents} patents",
+}
+# kind: (numeric fact compared, its noun in the question and answer)
+SYNTHESIS = {"city": ("population", "residents"), "company": ("employees", "employees"), "person": ("patents", "patents")}
+
+
+class DemoJob(msgspec.Struct, frozen=True):
+    """One job row of the demo input, with what a correct answer must contain."""
+
+    job_id: str
+    task: str
+    prompt: str
+    tools: list[str]
+    expected: dict[str, Any]
+    entities: list[str]
+
+
+def make_jobs(world: World, count: int, seed: int, *, held_out: bool, prefix: str = "job") -> list[DemoJob]:
+    """`count` jobs, the three tasks in turn, over held-out entities (evaluation, the demo) or training ones."""
+    rng = random.Random(seed)
+    pool = world.split(held_out)
+    by_kind = {kind: [e for e in pool if e.kind == kind] for kind in SYNTHESIS}
+    jobs = []
+    for i in range(count):
+        task = TASKS[i % len(TASKS)]
+        job_id = f"{prefix}-{i:05d}"
+        if task == "synthesis":
+            kind = rng.choice(sorted(by_kind))
+            fact, noun = SYNTHESIS[kind]
+            while True:
+                a, b = rng.sample(by_kind[kind], 2)
+                if a.facts[fact] != b.facts[fact]:
+                    break
+            first, second = int(a.facts[fact]), int(b.facts[fact])
+            winner = a if first > second else b
+            jobs.append(DemoJob(
+                job_id, task, f"Which of {a.name} and {b.name} has more {noun}, and by how many?",
+                ["search", "calculator"],
+                {"winner": winner.name, "difference": str(abs(first - second)), "doc_ids": [a.doc_id, b.doc_id]},
+                [a.name, b.name],
+            ))  # fmt: skip
+            continue
+        entity = rng.choice(pool)
+        if task == "retrieval":
+            fact = rng.choice([f for (k, f) in RETRIEVAL if k == entity.kind])
+            question = RETRIEVAL[(entity.kind, fact)][0].format(n=entity.name)
+            expected = {"fact": fact, "values": [entity.facts[fact]], "doc_ids": [entity.doc_id]}
+        else:
+            question = f"Write a one-line profile of {entity.name}."
+            expected = {"values": list(entity.facts.values()), "doc_ids": [entity.doc_id]}
+        jobs.append(DemoJob(job_id, task, question, ["search"], expected, [entity.name]))
+    return jobs
+
+
+def job_rows(jobs: list[DemoJob]) -> dict[str, list]:
+    """Columns of the input Parquet; `expected` and `entities` pass through to the results for grading."""
+    return {
+        "job_id": [j.job_id for j in jobs],
+        "task": [j.task for j in jobs],
+        "prompt": [j.prompt for j in jobs],
+        "tools": [j.tools for j in jobs],
+        "expected": [json.dumps(j.expected) for j in jobs],
+        "entities": [j.entities for j in jobs],
+    }
+
+
+# ---- gold episodes -------------------------------------------------------------------------------------------
+
+# call_tool(name, arguments_json) -> the tool's result text, from the real tools.
+ToolRunner = Callable[[str, str], str]
+
+
+def _call(index: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"functions.{name}:{index}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}  # fmt: skip
+
+
+def _assistant(reasoning: str, content: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _run_calls(calls: list[dict[str, Any]], run_tool: ToolRunner) -> list[dict[str, Any]]:
+    return [
+        {"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"],
+         "content": run_tool(c["function"]["name"], c["function"]["arguments"])}
+        for c in calls
+    ]  # fmt: skip
+
+
+def _search_args(name: str) -> dict[str, Any]:
+    return {"query": name, "k": SEARCH_K}
+
+
+def gold_episode(job: DemoJob, world: World, run_tool: ToolRunner) -> list[dict[str, Any]] | None:
+    """The messages after the user turn that a perfect agent produces, tool results from `run_tool`.
+
+    None when the search does not return the entity's document (then no answer can cite it)."""
+    entities = {e.name: e for e in world.entities}
+    found = [entities[name] for name in job.entities]
+    if job.task == "synthesis":
+        a, b = found
+        fact, noun = SYNTHESIS[a.kind]
+        phrase = {"population": "population", "employees": "number of employees", "patents": "number of patents"}[fact]
+        calls = [_call(0, "search", _search_args(a.name)), _call(1, "search", _search_args(b.name))]
+        step1 = _assistant(f"I need the {phrase} of {a.name} and of {b.name}. I will search for both.", calls=calls)
+        results1 = _run_calls(calls, run_tool)
+        if any(e.doc_id not in r["content"] for e, r in zip(found, results1, strict=True)):
+            return None
+        va, vb = a.facts[fact], b.facts[fact]
+        calc = [_call(2, "calculator", {"expression": f"{va} - {vb}"})]
+        step2 = _assistant(
+            f"{a.doc_id} gives the {phrase} of {a.name}: {va}. {b.doc_id} gives the {phrase} of {b.name}: {vb}. "
+            f"I will subtract the second from the first.",
+            calls=calc,
+        )
+        results2 = _run_calls(calc, run_tool)
+        diff = results2[0]["content"]
+        winner, loser = (a, b) if not diff.startswith("-") else (b, a)
+        sign = "positive" if winner is a else "negative"
+        final = _assistant(
+            f"The difference is {diff}, which is {sign}, so {winner.name} has more.",
+            f"{winner.name} has more {noun} than {loser.name}, by {diff.lstrip('-')} [{winner.doc_id}, {loser.doc_id}].",
+        )
+        return [step1, *results1, step2, *results2, final]
+
+    (entity,) = found
+    calls = [_call(0, "search", _search_args(entity.name))]
+    if job.task == "retrieval":
+        fact = job.expected["fact"]
+        _, phrase, sentence = RETRIEVAL[(entity.kind, fact)]
+        step1 = _assistant(f"The user wants the {phrase} of {entity.name}. I will search the corpus for {entity.name}.",
+                           calls=calls)  # fmt: skip
+        reading = f"{entity.doc_id} is about {entity.name}. It gives the {phrase}: {entity.facts[fact]}."
+        answer = sentence.format(n=entity.name, v=entity.facts[fact])
+    else:
+        step1 = _assistant(f"I need the facts about {entity.name} for a profile. I will search the corpus for "
+                           f"{entity.name}.", calls=calls)  # fmt: skip
+        reading = f"{entity.doc_id} is about {entity.name}. It has all the facts for the profile."
+        answer = PROFILE[entity.kind].format(n=entity.name, **entity.facts)
+    results = _run_calls(calls, run_tool)
+    if entity.doc_id not in results[0]["content"]:
+        return None
+    return [step1, *results, _assistant(reading, f"{answer} [{entity.doc_id}].")]
+
+
+# ---- grading -------------------------------------------------------------------------------------------------
+
+def _contains(text: str, value: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(value)}(?![\w])", text) is not None
+
+
+def grade(task: str, expected: dict[str, Any], answer: str | None) -> bool:
+    """Whether an answer holds the expected facts and cites the documents they come from."""
+    if not answer:
+        return False
+    if not all(_contains(answer, d) for d in expected["doc_ids"]):
+        return False
+    if task == "synthesis":
+        return answer.startswith(expected["winner"] + " has more") and _contains(answer, expected["difference"])
+    return all(_contains(answer, v) for v in expected["values"])
+
+
+FACT = re.compile(r"doc-\d{4}|\d+")
+
+
+def traceable(answer: str | None, tool_results: list[str]) -> bool:
+    """Every number and document id of the answer appears in one of the episode's tool results."""
+    if not answer:
+        return False
+    seen = "\n".join(tool_results)
+    return all(_contains(seen, fact) for fact in FACT.findall(answer))

@@ -1,0 +1,375 @@
+"""Train the demo model: a few-million-parameter K2 (MLA with q_lora, MoE with a shared expert, noaux_tc routing)
+on the demo episodes with Muon + QK-clip and auxiliary-loss-free expert balancing, then INT4 quantization-aware
+training of the routed experts, exported in the K2 Thinking checkpoint format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from k2batch.agent.tools import TOOLS
+from k2batch.config import BatchConfig, load_config
+from k2batch.demo.data import episode_pieces, initial_messages, tool_runner
+from k2batch.demo.tasks import gold_episode, make_jobs
+from k2batch.demo.tokenizer import save_tokenizer, train_tokenizer
+from k2batch.demo.world import World, make_world, write_corpus
+from k2batch.model.config import ModelConfig
+from k2batch.model.export import save_checkpoint
+from k2batch.model.layers import MLAttention, RoutedExperts, Router
+from k2batch.model.model import K2ForCausalLM
+from kernels.int4_moe import quantize_int4
+
+log = logging.getLogger(__name__)
+
+VOCAB_SIZE = 1024
+
+
+def demo_model_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> ModelConfig:
+    """K2's layout at a few million parameters: 1 dense layer then MoE layers of 8 routed experts (top 2) plus
+    one shared expert, MLA with a query LoRA."""
+    return ModelConfig.from_dict(
+        dict(
+            model_type="kimi_k2", vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
+            moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
+            kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+            n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+            norm_topk_prob=True, routed_scaling_factor=2.827, max_position_embeddings=4096, rope_theta=50000.0,
+            bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        )
+    )  # fmt: skip
+
+
+def fake_quant_int4(w: torch.Tensor) -> torch.Tensor:
+    """The values the INT4 checkpoint will hold (kernels.int4_moe's quantizer, products rounded in the scale
+    dtype as unpack_int4 does), with a straight-through gradient."""
+    q, scale = quantize_int4(w.detach())
+    deq = (q.to(scale.dtype).unflatten(-1, (-1, 32)) * scale.unsqueeze(-1)).flatten(-2).to(w.dtype)
+    return w + (deq - w).detach()
+
+
+class TrainableExperts(RoutedExperts):
+    """Routed experts as one 2-D parameter per expert matrix (Muon orthogonalizes 2-D matrices), stacked per
+    forward; `fake_quant` turns on INT4 quantization-aware training."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        nn.Module.__init__(self)
+        self.quantized = False
+        self.fake_quant = False
+        self.gate_up = nn.ParameterList(nn.Parameter(w.clone()) for w in w13)
+        self.down = nn.ParameterList(nn.Parameter(w.clone()) for w in w2)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w13, w2 = torch.stack(list(self.gate_up)), torch.stack(list(self.down))
+        if self.fake_quant:
+            return fake_quant_int4(w13), fake_quant_int4(w2)
+        return w13, w2
+
+
+class TrainingAttention:
+    """Causal attention over B padded sequences of T tokens that records each head's largest attention logit,
+    which QK-clip needs."""
+
+    def __init__(self, batch: int, seq_len: int):
+        self.batch, self.seq_len = batch, seq_len
+        self.max_logits: dict[int, torch.Tensor] = {}
+        self.mask = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+
+    def __call__(self, layer, mla, q_nope, q_pe, latent, k_pe):
+        k_nope, v = mla.expand_kv(latent)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
+        b, t = self.batch, self.seq_len
+        q, k, v = (x.view(b, t, mla.num_heads, -1).transpose(1, 2) for x in (q, k, v))
+        logits = (q @ k.transpose(-1, -2)) * mla.scale
+        logits = logits.masked_fill(~self.mask, float("-inf"))
+        self.max_logits[layer] = logits.detach().amax(dim=(0, 2, 3))
+        out = logits.softmax(-1) @ v
+        return out.transpose(1, 2).reshape(b * t, mla.num_heads, -1)
+
+
+@torch.no_grad()
+def qk_clip(model: K2ForCausalLM, max_logits: dict[int, torch.Tensor], threshold: float) -> int:
+    """MuonClip's QK-clip for MLA (Kimi K2 report): a head whose largest logit S exceeded `threshold` gets
+    gamma = threshold / S; its head-specific query/key parts scale by sqrt(gamma) (nope dims of q and k) or gamma
+    (q's rope dims: the rope key is shared by all heads, so it is left alone). Returns the heads clipped."""
+    clipped = 0
+    for layer, layer_max in max_logits.items():
+        mla: MLAttention = model.layers[layer].self_attn
+        q_proj = mla.q_b_proj if hasattr(mla, "q_b_proj") else mla.q_proj
+        q_w = q_proj.weight.view(mla.num_heads, mla.qk_nope_dim + mla.qk_rope_dim, -1)
+        kv_w = mla.kv_b_proj.weight.view(mla.num_heads, mla.qk_nope_dim + mla.v_dim, -1)
+        for head in torch.nonzero(layer_max > threshold).flatten().tolist():
+            gamma = threshold / float(layer_max[head])
+            q_w[head, : mla.qk_nope_dim] *= gamma**0.5
+            q_w[head, mla.qk_nope_dim :] *= gamma
+            kv_w[head, : mla.qk_nope_dim] *= gamma**0.5
+            clipped += 1
+    return clipped
+
+
+class ExpertLoad:
+    """Counts tokens per routed expert in every forward (router hooks), and nudges each router's
+    e_score_correction_bias toward balance: DeepSeek-V3's auxiliary-loss-free balancing."""
+
+    def __init__(self, model: nn.Module):
+        self.routers = [m for m in model.modules() if isinstance(m, Router)]
+        self.counts = [torch.zeros_like(r.e_score_correction_bias) for r in self.routers]
+        for router, counts in zip(self.routers, self.counts, strict=True):
+            router.register_forward_hook(self._counter(counts))
+
+    @staticmethod
+    def _counter(counts: torch.Tensor):
+        def hook(module, args, output) -> None:
+            counts.add_(torch.bincount(output[1].flatten(), minlength=counts.numel()).to(counts.dtype))
+
+        return hook
+
+    @torch.no_grad()
+    def update_bias(self, speed: float) -> float:
+        """bias_i += speed * sign(mean load - load_i); returns the worst expert's load over the mean, before."""
+        worst = 0.0
+        for router, counts in zip(self.routers, self.counts, strict=True):
+            if counts.sum() == 0:
+                continue
+            mean = counts.mean()
+            worst = max(worst, float(counts.max() / mean))
+            router.e_score_correction_bias += speed * torch.sign(mean - counts)
+            counts.zero_()
+        return worst
+
+
+def trainable_model(config: ModelConfig, seed: int) -> K2ForCausalLM:
+    torch.manual_seed(seed)
+    model = K2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "embed_tokens.weight":
+                p.normal_(0, 1.0)
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5)
+        for layer in model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.experts = TrainableExperts(layer.mlp.experts.w13, layer.mlp.experts.w2)
+    return model
+
+
+def optimizers(model: nn.Module, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
+    """Muon for the 2-D hidden matrices (attention, MLPs, experts); AdamW for embeddings, the head, norms and
+    routers. Muon's update is scaled to AdamW's RMS so both share one learning rate."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        hidden_matrix = p.ndim == 2 and not name.startswith(("embed_tokens", "lm_head")) and ".gate." not in name
+        (muon if hidden_matrix else adamw).append(p)
+    return [
+        torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW(adamw, lr=lr, weight_decay=0.0, betas=(0.9, 0.95)),
+    ]
+
+
+def tokenize_episodes(tokenizer, episodes: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[bool]]]:
+    """Token ids of each episode and which of them the model generated (the loss targets)."""
+    out = []
+    for pieces in episodes:
+        ids: list[int] = []
+        generated: list[bool] = []
+        for text, is_generated in pieces:
+            piece = tokenizer.encode(text, add_special_tokens=False).ids
+            ids += piece
+            generated += [is_generated] * len(piece)
+        out.append((ids, generated))
+    return out
+
+
+def batches(examples, tokens_per_batch: int, rng: random.Random):
+    """Endless batches of similar-length episodes (little padding), about `tokens_per_batch` tokens each."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    groups, group, longest = [], [], 0
+    for i in order:
+        longest = max(longest, len(examples[i][0]))
+        if group and longest * (len(group) + 1) > tokens_per_batch:
+            groups.append(group)
+            group, longest = [], len(examples[i][0])
+        group.append(i)
+    groups.append(group)
+    while True:
+        rng.shuffle(groups)
+        yield from groups
+
+
+def collate(examples, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(examples[i][0]) for i in group)
+    ids = torch.zeros(len(group), t, dtype=torch.long)
+    target = torch.zeros(len(group), t, dtype=torch.bool)
+    for row, i in enumerate(group):
+        seq, gen = examples[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        target[row, : len(seq)] = torch.tensor(gen)
+    return ids, target
+
+
+def loss_on_generated(model: K2ForCausalLM, ids: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, TrainingAttention, float]:
+    """Cross-entropy of the tokens the model generates in an episode (reasoning, calls, answers), not of
+    prompts or tool results; the head runs only where a target is predicted."""
+    b, t = ids.shape
+    attention = TrainingAttention(b, t)
+    hidden = model(ids.reshape(-1), torch.arange(t).repeat(b), attention).view(b, t, -1)
+    predict = target[:, 1:]
+    logits = model.lm_head(hidden[:, :-1][predict])
+    labels = ids[:, 1:][predict]
+    loss = F.cross_entropy(logits.float(), labels)
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+    return loss, attention, accuracy
+
+
+def export(model: K2ForCausalLM, config: ModelConfig, path: Path, *, int4_experts: bool) -> None:
+    """Write a checkpoint: experts stacked back (INT4-packed from the float32 master weights, the exact values
+    QAT trained with), every other weight in bf16 as K2 Thinking ships, the router bias in float32."""
+    plain = K2ForCausalLM(config)
+    state = {}
+    for name, value in model.state_dict().items():
+        if ".experts.gate_up." in name or ".experts.down." in name:
+            continue
+        state[name] = value
+    for i, layer in enumerate(model.layers):
+        if isinstance(getattr(layer.mlp, "experts", None), TrainableExperts):
+            state[f"layers.{i}.mlp.experts.w13"] = torch.stack(list(layer.mlp.experts.gate_up)).detach()
+            state[f"layers.{i}.mlp.experts.w2"] = torch.stack(list(layer.mlp.experts.down)).detach()
+    plain.load_state_dict(state)
+    save_checkpoint(plain, path, int4_experts=int4_experts)
+    tensors = load_file(path / "model.safetensors")
+    tensors = {k: (v.to(torch.bfloat16) if v.dtype == torch.float32 and not k.endswith("e_score_correction_bias")
+                   else v) for k, v in tensors.items()}  # fmt: skip
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((path / "config.json").read_text())
+    raw["torch_dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+
+
+def write_generation_config(path: Path, special: dict[str, int]) -> None:
+    """K2 Thinking's generation defaults: turns end at <|im_end|>, sampled at temperature 1.0, top_p 0.95."""
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": special["[BOS]"], "eos_token_id": [special["<|im_end|>"], special["[EOS]"]],
+         "temperature": 1.0, "top_p": 0.95}, indent=2))  # fmt: skip
+
+
+def build_data(world: World, config: BatchConfig, corpus: Path, num_jobs: int, seed: int):
+    jobs = make_jobs(world, num_jobs, seed, held_out=False, prefix="train")
+    run_tool = tool_runner(config, corpus)
+    episodes = []
+    for job in jobs:
+        steps = gold_episode(job, world, run_tool)
+        if steps is not None:
+            episodes.append(episode_pieces(None, TOOLS.schemas(job.tools), initial_messages(job, config), steps))
+    return episodes
+
+
+def train_demo(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 1500,
+    qat_steps: int = 200,
+    num_jobs: int = 12000,
+    tokens_per_batch: int = 6144,
+    lr: float = 3e-3,
+    qk_clip_threshold: float = 50.0,
+    bias_update_speed: float = 1e-3,
+    corpus: str | Path | None = None,
+    bf16_out: str | Path | None = None,
+    threads: int | None = None,
+    snapshot_every: int = 0,
+) -> dict:
+    """Train and export; returns a summary of the run (losses, clips, balance, wall time)."""
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    batch_config = load_config()
+    world = make_world()
+    corpus = Path(corpus or batch_config.tools.search_corpus)
+    if not corpus.exists():
+        write_corpus(world, corpus)
+    episodes = build_data(world, batch_config, corpus, num_jobs, seed)
+    tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
+    special = save_tokenizer(tokenizer, out)
+    examples = tokenize_episodes(tokenizer, episodes)
+    log.info("%d episodes, %d tokens (%d generated)", len(examples), sum(len(e[0]) for e in examples),
+             sum(sum(e[1]) for e in examples))  # fmt: skip
+    config = demo_model_config(VOCAB_SIZE, special["<|im_end|>"], special["[BOS]"])
+    model = trainable_model(config, seed)
+    opts = optimizers(model, lr, weight_decay=0.01)
+    load = ExpertLoad(model)
+    rng = random.Random(seed)
+    stream = batches(examples, tokens_per_batch, rng)
+    total = steps + qat_steps
+    warmup = max(1, total // 30)
+    history: list[dict] = []
+    clipped_total = 0
+    for step in range(total):
+        if step == steps:
+            for m in model.modules():
+                if isinstance(m, TrainableExperts):
+                    m.fake_quant = True
+        # Warmup, then constant, then linear decay to 10% over the last 40% of steps (QAT included).
+        decay_start = int(total * 0.6)
+        scale = min(1.0, (step + 1) / warmup)
+        if step >= decay_start:
+            scale *= 1.0 - 0.9 * (step - decay_start) / max(1, total - decay_start)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+        ids, target = collate(examples, next(stream))
+        loss, attention, accuracy = loss_on_generated(model, ids, target)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for opt in opts:
+            opt.step()
+        clipped = qk_clip(model, attention.max_logits, qk_clip_threshold)
+        clipped_total += clipped
+        imbalance = load.update_bias(bias_update_speed)
+        max_logit = max(float(m.max()) for m in attention.max_logits.values())
+        loss = loss.detach()
+        history.append({"step": step, "loss": float(loss), "accuracy": accuracy, "max_logit": max_logit,
+                        "clipped_heads": clipped, "max_load_over_mean": imbalance})  # fmt: skip
+        if snapshot_every and step and step % snapshot_every == 0:
+            # A checkpoint to evaluate while training goes on (same files as the final one).
+            snapshot = out.with_name(out.name + "-snapshot")
+            export(model, config, snapshot, int4_experts=True)
+            save_tokenizer(tokenizer, snapshot)
+            write_generation_config(snapshot, special)
+        if step % 25 == 0 or step == total - 1:
+            elapsed = time.perf_counter() - started
+            log.info("step %d/%d loss %.4f token acc %.4f max logit %.1f clipped %d load max/mean %.2f%s (%.0f s)",
+                     step, total, float(loss), accuracy, max_logit, clipped_total, imbalance,
+                     " QAT" if step >= steps else "", elapsed)  # fmt: skip
+    model.eval()
+    export(model, config, out, int4_experts=True)
+    write_generation_config(out, special)
+    if bf16_out is not None:
+        bf16_out = Path(bf16_out)
+        export(model, config, bf16_out, int4_experts=False)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+            (bf16_out / name).write_bytes((out / name).read_bytes())
+    summary = {
+        "seed": seed, "steps": steps, "qat_steps": qat_steps, "num_jobs": num_jobs, "episodes": len(examples),
+        "tokens_per_batch": tokens_per_batch, "lr": lr, "qk_clip_threshold": qk_clip_threshold,
+        "clipped_heads": clipped_total, "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": sum(h["loss"] for h in history[-20:]) / min(20, len(history)),
+        "final_token_accuracy": sum(h["accuracy"] for h in history[-20:]) / min(20, len(history)),
+        "wall_s": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    (out / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,109 @@
+"""A synthetic world of invented companies, cities and people, and its search corpus (deterministic from a seed)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SYLLABLES = [
+    "ka", "lo", "mi", "ra", "ven", "dor", "sil", "tam", "qu", "bre", "zan", "fel", "gor", "hal", "jun", "lis",
+    "mor", "nel", "pra", "sto", "tur", "vex", "wyn", "zor", "cal", "des", "fin", "gal", "kel", "mar", "nov",
+    "per", "ros", "sel", "tor", "ul", "var", "yen", "bal", "cor",
+]  # fmt: skip
+COMPANY_SUFFIXES = ["Labs", "Group", "Works", "Systems", "Industries", "Holdings"]
+SECTORS = ["robotics", "textiles", "shipping", "software", "mining", "banking", "farming", "media"]
+REGIONS = ["north coast", "south coast", "east valley", "west hills", "central plain", "high plateau"]
+PROFESSIONS = ["engineer", "painter", "chemist", "architect", "pilot", "teacher", "composer", "surgeon"]
+
+
+class Entity(msgspec.Struct, frozen=True):
+    """One invented thing with its facts; `doc_id` names the corpus document about it."""
+
+    doc_id: str
+    kind: str  # company | city | person
+    name: str
+    facts: dict[str, str]
+
+
+class World(msgspec.Struct, frozen=True):
+    entities: list[Entity]
+    held_out: frozenset[str]
+    """Names of entities that training never sees: evaluation jobs use only these."""
+
+    def split(self, held_out: bool) -> list[Entity]:
+        return [e for e in self.entities if (e.name in self.held_out) == held_out]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
+
+
+def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, num_people: int = 900,
+               held_out_fraction: float = 0.15) -> World:  # fmt: skip
+    """Invented entities with unique names; every fact is drawn from `seed` alone."""
+    rng = random.Random(seed)
+    used: set[str] = set()
+
+    def unique(make) -> str:
+        while True:
+            name = make()
+            # Names must not share a word with another entity, or a search for one would rank the other first.
+            if name not in used and not any(w in used for w in name.split()):
+                used.add(name)
+                used.update(w for w in name.split() if w not in COMPANY_SUFFIXES)
+                return name
+
+    cities = [unique(lambda: _word(rng, rng.choice((2, 3)))) for _ in range(num_cities)]
+    entities: list[Entity] = []
+
+    def add(kind: str, name: str, facts: dict[str, object]) -> None:
+        entities.append(Entity(f"doc-{len(entities):04d}", kind, name, {k: str(v) for k, v in facts.items()}))
+
+    for name in cities:
+        add("city", name, {"region": rng.choice(REGIONS), "population": rng.randrange(2_000, 900_000),
+                           "founded": rng.randrange(1100, 1900), "elevation": rng.randrange(5, 2500)})  # fmt: skip
+    for _ in range(num_companies):
+        name = unique(lambda: f"{_word(rng, rng.choice((2, 3)))} {rng.choice(COMPANY_SUFFIXES)}")
+        add("company", name, {"sector": rng.choice(SECTORS), "city": rng.choice(cities),
+                              "founded": rng.randrange(1850, 2021), "employees": rng.randrange(20, 20_000)})  # fmt: skip
+    for _ in range(num_people):
+        name = unique(lambda: f"{_word(rng, rng.choice((2, 3)))} {_word(rng, rng.choice((2, 3)))}")
+        add("person", name, {"profession": rng.choice(PROFESSIONS), "city": rng.choice(cities),
+                             "born": rng.randrange(1940, 2004), "patents": rng.randrange(0, 400)})  # fmt: skip
+    order = list(range(len(entities)))
+    rng.shuffle(order)
+    held_out = frozenset(entities[i].name for i in order[: int(len(entities) * held_out_fraction)])
+    return World(entities, held_out)
+
+
+def document(entity: Entity) -> str:
+    """The corpus text about an entity: the only place its facts are written down."""
+    f, n = entity.facts, entity.name
+    if entity.kind == "city":
+        return (f"{n} is a city in the {f['region']} region. It was founded in {f['founded']}. "
+                f"Population: {f['population']}. Elevation: {f['elevation']} m.")  # fmt: skip
+    if entity.kind == "company":
+        return (f"{n} is a {f['sector']} company based in {f['city']}. It was founded in {f['founded']}. "
+                f"Employees: {f['employees']}.")  # fmt: skip
+    return (f"{n} is a {f['profession']} who lives in {f['city']}. Born in {f['born']}. "
+            f"Patents: {f['patents']}.")  # fmt: skip
+
+
+def corpus_table(world: World) -> pa.Table:
+    """The search tool's corpus: doc_id, title, text."""
+    return pa.table({
+        "doc_id": [e.doc_id for e in world.entities],
+        "title": [e.name for e in world.entities],
+        "text": [document(e) for e in world.entities],
+    })  # fmt: skip
+
+
+def write_corpus(world: World, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(corpus_table(world), path)
+    return path
