@@ -206,4 +206,5 @@ def traceable(answer: str | None, tool_results: list[str]) -> bool:
     if not answer:
         return False
     seen = "\n".join(tool_results)
-    return all(_contains(seen, fact) for fact in FACT.findall(answer))
+    # A difference the calculator returned as -36 is the 36 of the answer.
+    return all(re.search(rf"(?<![\w]){re.escape(fact)}(?![\w])", seen) for fact in FACT.findall(answer))

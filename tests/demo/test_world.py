@@ -1,0 +1,73 @@
+"""The synthetic world, its jobs and gold episodes: deterministic from a seed, in the engine's exact chat format."""
+
+from __future__ import annotations
+
+import json
+
+from k2batch.agent.tools import TOOLS
+from k2batch.config import load_config
+from k2batch.demo.data import assistant_text, episode_pieces, initial_messages, tool_runner
+from k2batch.demo.tasks import TASKS, gold_episode, grade, job_rows, make_jobs, traceable
+from k2batch.demo.world import corpus_table, make_world
+from k2batch.tokenizer import parse_assistant, render_chat
+
+
+def test_world_and_jobs_are_deterministic_from_the_seed(world):
+    again = make_world(seed=3, num_cities=40, num_companies=60, num_people=60)
+    assert again == world
+    assert make_world(seed=4, num_cities=40, num_companies=60, num_people=60) != world
+    assert corpus_table(again).equals(corpus_table(world))
+    assert make_jobs(world, 12, seed=5, held_out=True) == make_jobs(world, 12, seed=5, held_out=True)
+    assert make_jobs(world, 12, seed=5, held_out=True) != make_jobs(world, 12, seed=6, held_out=True)
+
+
+def test_held_out_jobs_use_only_held_out_entities(world):
+    names = [e.name for e in world.entities]
+    assert len(set(names)) == len(names)
+    held_out = make_jobs(world, 60, seed=0, held_out=True)
+    training = make_jobs(world, 60, seed=0, held_out=False)
+    assert all(name in world.held_out for job in held_out for name in job.entities)
+    assert not any(name in world.held_out for job in training for name in job.entities)
+    assert [j.task for j in held_out[:3]] == list(TASKS)
+    rows = job_rows(held_out)
+    assert set(rows) >= {"job_id", "task", "prompt", "tools"} and len(rows["job_id"]) == 60
+
+
+def test_gold_episodes_think_before_every_call_and_answer_with_real_tool_results(world, corpus):
+    config = load_config()
+    run_tool = tool_runner(config, corpus)
+    for job in make_jobs(world, 9, seed=2, held_out=False):
+        steps = gold_episode(job, world, run_tool)
+        assistants = [m for m in steps if m["role"] == "assistant"]
+        assert all(m["reasoning_content"] for m in assistants)
+        assert len(assistants) == (3 if job.task == "synthesis" else 2)
+        for message in steps:
+            if message["role"] == "tool":
+                call = next(c for m in assistants for c in m.get("tool_calls", []) if c["id"] == message["tool_call_id"])
+                assert message["content"] == run_tool(call["function"]["name"], call["function"]["arguments"])
+        answer = assistants[-1]["content"]
+        assert grade(job.task, job.expected, answer)
+        assert traceable(answer, [m["content"] for m in steps if m["role"] == "tool"])
+        assert not grade(job.task, job.expected, answer.replace(job.expected["doc_ids"][0], "doc-9999"))
+
+
+def test_episode_pieces_are_what_the_episode_loop_renders_and_parses(world, corpus):
+    config = load_config()
+    job = next(j for j in make_jobs(world, 3, seed=2, held_out=False) if j.task == "synthesis")
+    steps = gold_episode(job, world, tool_runner(config, corpus))
+    tools = TOOLS.schemas(job.tools)
+    initial = initial_messages(job, config)
+    pieces = episode_pieces(None, tools, initial, steps)
+    assert [generated for _, generated in pieces] == [False, True, False, True, False, True]
+    # The whole episode is the template's rendering of the unfinished conversation plus the last turn.
+    last = len(steps) - 1
+    unfinished = render_chat(None, initial + steps[:last], tools, add_generation_prompt=True)
+    assert "".join(text for text, _ in pieces) == unfinished + assistant_text(steps[last])
+    for (text, generated), message in zip(pieces[1::2], [m for m in steps if m["role"] == "assistant"], strict=True):
+        parsed = parse_assistant(text, set(job.tools))
+        assert generated and not parsed.errors
+        assert parsed.reasoning == message["reasoning_content"] and parsed.content == message["content"]
+        assert [c.arguments for c in parsed.tool_calls] == [
+            c["function"]["arguments"] for c in message.get("tool_calls", [])
+        ]
+    assert json.loads(parse_assistant(pieces[3][0]).tool_calls[0].arguments)["expression"].count("-") >= 1
