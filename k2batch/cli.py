@@ -11,45 +11,57 @@ import polars as pl
 import torch
 
 WORKSPACE = Path(__file__).resolve().parent.parent / "workspace"
+DEMO_CONFIG = WORKSPACE.parent / "configs" / "demo.toml"
+DEMO_JOBS = 300
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Build (once) a small random model of the K2 architecture with INT4 experts under workspace/, then run a
-    batch of agent-shaped requests (a shared system prefix, ragged user turns) through the engine."""
-    from k2batch.engine import Engine, EngineConfig, SamplingParams
-    from k2batch.model.config import ModelConfig
-    from k2batch.model.export import random_model, save_checkpoint
+    """The demo batch on the embedded default: the corpus and a demo input of held-out jobs under workspace/
+    (written once), run with the demo model, then where the outputs are, the inspect table and the grades."""
+    import msgspec
 
-    path = Path(args.model)
-    if not (path / "config.json").exists():
-        config = ModelConfig.from_dict(
-            dict(
-                model_type="kimi_k2", vocab_size=4096, hidden_size=256, intermediate_size=512,
-                moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=96,
-                kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=16,
-                n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
-                routed_scaling_factor=2.827, max_position_embeddings=8192, eos_token_id=1,
-                rope_theta=50000.0, rope_scaling={"type": "yarn", "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                                                  "original_max_position_embeddings": 256, "beta_fast": 1.0, "beta_slow": 1.0},
-            )
-        )  # fmt: skip
-        save_checkpoint(random_model(config, seed=0), path, int4_experts=True)
-        print(f"wrote a random K2-architecture checkpoint (INT4 experts) to {path}")
-    # On CPU, unpacking INT4 experts on every step costs more than the matmuls: dequantize them once.
-    engine = Engine.from_pretrained(str(path), EngineConfig(max_num_seqs=64, show_progress=True, dequantize_int4=True))
-    g = torch.Generator().manual_seed(0)
-    vocab = engine.model.config.vocab_size
-    system = torch.randint(2, vocab, (512,), generator=g).tolist()
-    prompts = [system + torch.randint(2, vocab, (int(torch.randint(16, 128, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(args.requests)]  # fmt: skip
-    start = time.perf_counter()
-    outputs = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=args.new_tokens, seed=0))
-    elapsed = time.perf_counter() - start
-    s = engine.stats
-    print(f"{len(outputs)} requests, {s.decode_tokens} output tokens in {elapsed:.1f} s "
-          f"({s.decode_tokens / elapsed:.0f} tok/s); prefilled {s.prefill_tokens} of "
-          f"{sum(map(len, prompts))} prompt tokens ({s.cached_tokens} from the prefix cache); "
-          f"preemptions {s.preemptions}")  # fmt: skip
+    from k2batch.agent import run_batch
+    from k2batch.config import load_config
+    from k2batch.demo.workspace import ensure_corpus, scores, write_jobs
+
+    config = load_config(args.config)
+    model = WORKSPACE / "models" / "k2-demo"
+    if not (model / "config.json").exists():
+        raise SystemExit(f"no demo model at {model}: train it with `k2batch train-demo` (see workspace/README.md)")
+    corpus = ensure_corpus(WORKSPACE / "data" / "corpus.parquet")
+    config = msgspec.structs.replace(
+        config, model=str(model), tools=msgspec.structs.replace(config.tools, search_corpus=str(corpus))
+    )
+    storage = WORKSPACE / "storage"
+    inputs = storage / "inputs" / "demo" / "jobs.parquet"
+    if not inputs.exists() or args.jobs != DEMO_JOBS:
+        write_jobs(inputs, args.jobs)
+    output = storage / "outputs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.perf_counter()
+    summary = run_batch(str(inputs.parent), str(output), config)
+    print(f"\n{summary['rows']} jobs in {time.perf_counter() - started:.0f} s: {summary['rows_by_status']}")
+    print(f"inputs:  {inputs}\noutputs: {output}  (results/, traces/, manifests/, summary.json)")
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+        print(inspect_table(str(output), args.config))
+    grades = scores(output)
+    print("correct answers: " + ", ".join(f"{k.removeprefix('accuracy_')} {v:.1%}" for k, v in grades.items()
+                                          if k.startswith("accuracy_")))  # fmt: skip
+    print(f"tool-call format valid in {grades['format_valid']:.1%} of {grades['steps']} steps; "
+          f"answers traceable to a tool result: {grades['traceable']:.1%}")  # fmt: skip
+    print(f"look inside: k2batch inspect {output} --config configs/demo.toml; "
+          f"k2batch replay {output} --job demo-00000 --config configs/demo.toml")  # fmt: skip
+
+
+def train_demo(args: argparse.Namespace) -> None:
+    """Train the demo model on the synthetic world's episodes and export it (INT4 experts, and bf16)."""
+    from k2batch.demo.train import train_demo as train
+
+    summary = train(
+        args.out, seed=args.seed, steps=args.steps, qat_steps=args.qat_steps, num_jobs=args.jobs,
+        bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
+        qk_clip_threshold=args.qk_clip, device=args.device,
+    )  # fmt: skip
+    print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -122,10 +134,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="k2batch", description="Offline batch inference for Kimi K2-family models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the demo batch on the embedded default")
-    p.add_argument("--model", default=str(WORKSPACE / "models" / "k2-random"))
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--jobs", type=int, default=DEMO_JOBS, help="demo jobs to generate")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="TOML overlaying configs/default.toml")
     p.set_defaults(func=demo)
+    p = sub.add_parser("train-demo", help="train the demo model (a tiny K2) on synthetic agentic episodes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(WORKSPACE / "models" / "k2-demo"), help="INT4 checkpoint directory")
+    p.add_argument("--bf16-out", default=str(WORKSPACE / "models" / "k2-demo-bf16"),
+                   help="the same weights before INT4 quantization")  # fmt: skip
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps before quantization-aware training")
+    p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
+    p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
+    p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")
+    p.add_argument("--snapshot-every", type=int, default=0, help="also export OUT-snapshot every N steps")
+    p.set_defaults(func=train_demo)
     p = sub.add_parser("run", help="run a batch of jobs (Parquet) to results and traces (Parquet)")
     p.add_argument("--input", required=True, help="Parquet file or prefix of the jobs")
     p.add_argument("--output", required=True, help="output prefix of the batch")

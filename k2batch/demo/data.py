@@ -3,7 +3,6 @@ exactly as the episode loop tokenizes them at inference."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,3 @@ def training_pieces(
         if steps is not None:
             episodes.append(episode_pieces(template, TOOLS.schemas(job.tools), initial_messages(job, config), steps))
     return episodes
-
-
-def dump_pieces(episodes: list[list[tuple[str, bool]]], path: str | Path) -> None:
-    Path(path).write_text("\n".join(json.dumps(e) for e in episodes))

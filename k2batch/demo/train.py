@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -16,12 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from k2batch.agent.tools import TOOLS
-from k2batch.config import BatchConfig, load_config
-from k2batch.demo.data import episode_pieces, initial_messages, tool_runner
-from k2batch.demo.tasks import gold_episode, make_jobs
 from k2batch.demo.tokenizer import save_tokenizer, train_tokenizer
-from k2batch.demo.world import World, make_world, write_corpus
 from k2batch.model.config import ModelConfig
 from k2batch.model.export import save_checkpoint
 from k2batch.model.layers import MLAttention, RoutedExperts, Router
@@ -81,7 +75,7 @@ class TrainingAttention:
     def __init__(self, batch: int, seq_len: int):
         self.batch, self.seq_len = batch, seq_len
         self.max_logits: dict[int, torch.Tensor] = {}
-        self.mask = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        self.mask: torch.Tensor | None = None
 
     def __call__(self, layer, mla, q_nope, q_pe, latent, k_pe):
         k_nope, v = mla.expand_kv(latent)
@@ -90,6 +84,8 @@ class TrainingAttention:
         b, t = self.batch, self.seq_len
         q, k, v = (x.view(b, t, mla.num_heads, -1).transpose(1, 2) for x in (q, k, v))
         logits = (q @ k.transpose(-1, -2)) * mla.scale
+        if self.mask is None:
+            self.mask = torch.ones(t, t, dtype=torch.bool, device=logits.device).tril()
         logits = logits.masked_fill(~self.mask, float("-inf"))
         self.max_logits[layer] = logits.detach().amax(dim=(0, 2, 3))
         out = logits.softmax(-1) @ v
@@ -223,7 +219,7 @@ def loss_on_generated(model: K2ForCausalLM, ids: torch.Tensor, target: torch.Ten
     prompts or tool results; the head runs only where a target is predicted."""
     b, t = ids.shape
     attention = TrainingAttention(b, t)
-    hidden = model(ids.reshape(-1), torch.arange(t).repeat(b), attention).view(b, t, -1)
+    hidden = model(ids.reshape(-1), torch.arange(t, device=ids.device).repeat(b), attention).view(b, t, -1)
     predict = target[:, 1:]
     logits = model.lm_head(hidden[:, :-1][predict])
     labels = ids[:, 1:][predict]
@@ -263,51 +259,75 @@ def write_generation_config(path: Path, special: dict[str, int]) -> None:
          "temperature": 1.0, "top_p": 0.95}, indent=2))  # fmt: skip
 
 
-def build_data(world: World, config: BatchConfig, corpus: Path, num_jobs: int, seed: int):
-    jobs = make_jobs(world, num_jobs, seed, held_out=False, prefix="train")
-    run_tool = tool_runner(config, corpus)
-    episodes = []
-    for job in jobs:
-        steps = gold_episode(job, world, run_tool)
-        if steps is not None:
-            episodes.append(episode_pieces(None, TOOLS.schemas(job.tools), initial_messages(job, config), steps))
-    return episodes
+def build_data(num_jobs: int, seed: int, corpus: str | Path | None = None) -> list[list[tuple[str, bool]]]:
+    """Gold episodes of `num_jobs` training jobs (training entities only), tool results from the real tools."""
+    from k2batch.config import load_config
+    from k2batch.demo.data import training_pieces
+    from k2batch.demo.tasks import make_jobs
+    from k2batch.demo.world import make_world, write_corpus
+
+    config = load_config()
+    world = make_world()
+    corpus = Path(corpus or config.tools.search_corpus)
+    if not corpus.exists():
+        write_corpus(world, corpus)
+    return training_pieces(make_jobs(world, num_jobs, seed, held_out=False, prefix="train"), world, config, corpus, None)
 
 
 def train_demo(
     out: str | Path,
     *,
     seed: int = 0,
-    steps: int = 1500,
-    qat_steps: int = 200,
-    num_jobs: int = 12000,
-    tokens_per_batch: int = 6144,
-    lr: float = 3e-3,
-    qk_clip_threshold: float = 50.0,
-    bias_update_speed: float = 1e-3,
+    num_jobs: int = 16000,
     corpus: str | Path | None = None,
     bf16_out: str | Path | None = None,
     threads: int | None = None,
-    snapshot_every: int = 0,
+    **train_options,
 ) -> dict:
-    """Train and export; returns a summary of the run (losses, clips, balance, wall time)."""
+    """Build the data, train the tokenizer and the model, export; returns a summary of the run."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
-    batch_config = load_config()
-    world = make_world()
-    corpus = Path(corpus or batch_config.tools.search_corpus)
-    if not corpus.exists():
-        write_corpus(world, corpus)
-    episodes = build_data(world, batch_config, corpus, num_jobs, seed)
+    episodes = build_data(num_jobs, seed, corpus)
     tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
     special = save_tokenizer(tokenizer, out)
     examples = tokenize_episodes(tokenizer, episodes)
     log.info("%d episodes, %d tokens (%d generated)", len(examples), sum(len(e[0]) for e in examples),
              sum(sum(e[1]) for e in examples))  # fmt: skip
+    summary = train_model(examples, special, out, seed=seed, **train_options)
+    model, config = summary.pop("model"), summary.pop("config")
+    if bf16_out is not None:
+        bf16_out = Path(bf16_out)
+        export(model, config, bf16_out, int4_experts=False)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+            (bf16_out / name).write_bytes((out / name).read_bytes())
+    summary.update(num_jobs=num_jobs, episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
+                   threads=torch.get_num_threads())  # fmt: skip
+    (out / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_model(
+    examples: list[tuple[list[int], list[bool]]],
+    special: dict[str, int],
+    out: Path,
+    *,
+    seed: int = 0,
+    steps: int = 3000,
+    qat_steps: int = 300,
+    tokens_per_batch: int = 6144,
+    lr: float = 3e-3,
+    qk_clip_threshold: float = 50.0,
+    bias_update_speed: float = 1e-3,
+    snapshot_every: int = 0,
+    device: str = "cpu",
+) -> dict:
+    """The training loop: Muon + AdamW, QK-clip after every step, expert-bias balancing, then INT4 QAT of the
+    routed experts for the last `qat_steps`; exports the INT4 checkpoint (model files) into `out`."""
+    started = time.perf_counter()
     config = demo_model_config(VOCAB_SIZE, special["<|im_end|>"], special["[BOS]"])
-    model = trainable_model(config, seed)
+    model = trainable_model(config, seed).to(device)
     opts = optimizers(model, lr, weight_decay=0.01)
     load = ExpertLoad(model)
     rng = random.Random(seed)
@@ -329,7 +349,7 @@ def train_demo(
         for opt in opts:
             for group in opt.param_groups:
                 group["lr"] = lr * scale
-        ids, target = collate(examples, next(stream))
+        ids, target = (t.to(device) for t in collate(examples, next(stream)))
         loss, attention, accuracy = loss_on_generated(model, ids, target)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
@@ -348,28 +368,23 @@ def train_demo(
             # A checkpoint to evaluate while training goes on (same files as the final one).
             snapshot = out.with_name(out.name + "-snapshot")
             export(model, config, snapshot, int4_experts=True)
-            save_tokenizer(tokenizer, snapshot)
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                (snapshot / name).write_bytes((out / name).read_bytes())
             write_generation_config(snapshot, special)
         if step % 25 == 0 or step == total - 1:
-            elapsed = time.perf_counter() - started
             log.info("step %d/%d loss %.4f token acc %.4f max logit %.1f clipped %d load max/mean %.2f%s (%.0f s)",
                      step, total, float(loss), accuracy, max_logit, clipped_total, imbalance,
-                     " QAT" if step >= steps else "", elapsed)  # fmt: skip
-    model.eval()
+                     " QAT" if step >= steps else "", time.perf_counter() - started)  # fmt: skip
+    model = model.cpu().eval()
     export(model, config, out, int4_experts=True)
     write_generation_config(out, special)
-    if bf16_out is not None:
-        bf16_out = Path(bf16_out)
-        export(model, config, bf16_out, int4_experts=False)
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-            (bf16_out / name).write_bytes((out / name).read_bytes())
-    summary = {
-        "seed": seed, "steps": steps, "qat_steps": qat_steps, "num_jobs": num_jobs, "episodes": len(examples),
-        "tokens_per_batch": tokens_per_batch, "lr": lr, "qk_clip_threshold": qk_clip_threshold,
-        "clipped_heads": clipped_total, "parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss": sum(h["loss"] for h in history[-20:]) / min(20, len(history)),
-        "final_token_accuracy": sum(h["accuracy"] for h in history[-20:]) / min(20, len(history)),
-        "wall_s": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads(),
+    last = history[-20:]
+    return {
+        "seed": seed, "steps": steps, "qat_steps": qat_steps, "tokens_per_batch": tokens_per_batch, "lr": lr,
+        "qk_clip_threshold": qk_clip_threshold, "clipped_heads": clipped_total,
+        "bias_update_speed": bias_update_speed, "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": sum(h["loss"] for h in last) / len(last),
+        "final_token_accuracy": sum(h["accuracy"] for h in last) / len(last),
+        "final_max_load_over_mean": last[-1]["max_load_over_mean"], "train_s": round(time.perf_counter() - started, 1),
+        "device": device, "model": model, "config": config,
     }  # fmt: skip
-    (out / "training.json").write_text(json.dumps(summary, indent=2))
-    return summary

@@ -1,0 +1,46 @@
+"""The committed demo model: loads as a K2 Thinking checkpoint and answers held-out jobs through `k2batch demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from k2batch import cli
+from k2batch.demo.workspace import graded
+from k2batch.model import load_model
+from k2batch.tokenizer import load_tokenizer
+
+MODELS = Path(cli.WORKSPACE) / "models"
+DEMO = MODELS / "k2-demo"
+
+pytestmark = pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="no committed demo model")
+
+
+def test_demo_checkpoint_is_k2_thinking_format():
+    raw = json.loads((DEMO / "config.json").read_text())
+    assert raw["model_type"] == "kimi_k2" and raw["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert raw["quantization_config"]["quant_method"] == "compressed-tensors"
+    model = load_model(DEMO)
+    assert all(layer.mlp.experts.quantized for layer in model.layers[1:])
+    assert model.layers[1].mlp.shared_experts is not None and model.config.q_lora_rank
+    tokenizer = load_tokenizer(str(DEMO))
+    assert tokenizer.chat_template and "<|tool_calls_section_begin|>" in tokenizer.special_tokens
+    assert json.loads((DEMO / "generation_config.json").read_text())["eos_token_id"][0] == tokenizer.special_tokens["<|im_end|>"]
+
+
+@pytest.mark.slow
+def test_demo_command_answers_held_out_jobs(tmp_path, monkeypatch, capsys):
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "models").symlink_to(MODELS)
+    monkeypatch.setattr(cli, "WORKSPACE", workspace)
+    cli.main(["demo", "--jobs", "6"])
+    out = capsys.readouterr().out
+    assert "6 jobs" in out and "cache_hit_rate" in out and "correct answers" in out
+    (output,) = (workspace / "storage" / "outputs").iterdir()
+    table = graded(output)
+    assert table.height == 6 and set(table["task"]) == {"retrieval", "draft", "synthesis"}
+    assert table["malformed_steps"].sum() == 0
+    assert table["correct"].sum() >= 5 and table["traceable"].all()
