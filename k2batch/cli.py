@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import torch
 
 WORKSPACE = Path(__file__).resolve().parent.parent / "workspace"
 DEMO_CONFIG = WORKSPACE.parent / "configs" / "demo.toml"
