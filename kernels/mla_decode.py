@@ -24,17 +24,19 @@ def mla_decode_reference(
 
     q: [B, H, L + R] (absorbed nope part, then rope part); kv_cache: [blocks, block_size, L + R] (one layer);
     block_table: [B, max_blocks] int32; seq_lens: [B] int32. K_b is the cached rows (L + R dims), V_b their
-    first L dims: every head shares them (MQA in latent space). Returns [B, H, L] in q's dtype, fp32 inside.
+    first L dims: every head shares them (MQA in latent space). Returns [B, H, L] in q's dtype, fp32 inside; a
+    sequence with no cached tokens (a padding slot of a fixed-size decode batch) gets zeros.
     """
     batch, _, dim = q.shape
     block_size = kv_cache.shape[1]
-    width = int(seq_lens.max())
+    width = max(1, int(seq_lens.max()))
     positions = torch.arange(width, device=q.device)
     slots = block_table.long().gather(1, (positions // block_size).expand(batch, -1)) * block_size + positions % block_size
     kv = kv_cache.reshape(-1, dim)[slots].float()  # [B, T, L + R]
     scores = torch.einsum("bhd,btd->bht", q.float(), kv) * sm_scale
     scores = scores.masked_fill((positions >= seq_lens.unsqueeze(1).long()).unsqueeze(1), float("-inf"))
-    return torch.einsum("bht,btl->bhl", scores.softmax(-1), kv[..., :kv_lora_rank]).to(q.dtype)
+    probs = scores.softmax(-1).nan_to_num(0.0)  # an empty sequence's row is all -inf: NaN, then zeros
+    return torch.einsum("bht,btl->bhl", probs, kv[..., :kv_lora_rank]).to(q.dtype)
 
 
 @triton.jit
@@ -50,7 +52,7 @@ def _split_kernel(
     """BLOCK_H heads of one sequence over one split of its tokens, online softmax in base 2 (qk_scale has log2 e).
 
     FINAL (one split): writes the normalized output. Otherwise writes the split's normalized output and its
-    log-sum-exp; a split past the end of a short sequence writes zeros and -inf.
+    log-sum-exp; a split past the end of a short sequence writes zeros and -inf. An empty sequence gets zeros.
     """
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -92,10 +94,10 @@ def _split_kernel(
 
     out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + dl[None, :]
     out_mask = h_ok[:, None] & l_ok[None, :]
+    has_tokens = l > 0
     if FINAL:
-        tl.store(out_ptrs, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, (acc / tl.where(has_tokens, l, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        has_tokens = l > 0
         tl.store(out_ptrs, acc / tl.where(has_tokens, l, 1.0)[:, None], mask=out_mask)
         lse = tl.where(has_tokens, m + tl.log2(tl.where(has_tokens, l, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_ok)
@@ -113,10 +115,13 @@ def _merge_kernel(
     dl = tl.arange(0, BLOCK_L)
     s_ok = s < num_splits
     lse = tl.load(lse_ptr + b * stride_lb + head * stride_lh + s, mask=s_ok, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always has tokens, so the max is finite
+    # Split 0 has tokens unless the sequence is empty; then every weight is 0 and so is the output.
+    top = tl.max(lse, axis=0)
+    weights = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
     parts_ptrs = part_ptr + b * stride_pb + head * stride_ph + s[:, None] * stride_ps + dl[None, :]
     parts = tl.load(parts_ptrs, mask=s_ok[:, None] & (dl < LATENT)[None, :], other=0.0)
-    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + head * stride_oh + dl, out.to(out_ptr.dtype.element_ty), mask=dl < LATENT)
 
 

@@ -54,6 +54,19 @@ def test_mla_decode_triton_matches_reference(seq_lens, heads, latent, rope, page
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_empty_sequences_get_zeros(num_splits):
+    # A fixed-size decode batch pads its free slots with empty sequences: they must not poison the others.
+    torch.manual_seed(5)
+    q, kv_cache, table, lens = paged_inputs([40, 1, 17], 16, 32, 8, 16, torch.float32)
+    lens[1] = 0
+    out = torch.full((3, 16, 32), float("nan"))
+    mla_decode_triton(q, kv_cache, table, lens, 0.2, 32, out=out, num_splits=num_splits)
+    ref = mla_decode_reference(q, kv_cache, table, lens, 0.2, 32)
+    assert torch.equal(out[1], torch.zeros(16, 32)) and torch.equal(ref[1], torch.zeros(16, 32))
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
 def test_split_count_does_not_change_the_result():
     torch.manual_seed(3)
     q, kv_cache, table, lens = paged_inputs([150, 64], 16, 32, 8, 16, torch.float32)
