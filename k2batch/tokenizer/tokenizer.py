@@ -34,6 +34,11 @@ KIMI_PATTERN = "|".join(
 _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _RUNS = re.compile(r"\s+|\S+")
+# Message text is escaped before it is rendered into a chat prompt (Tokenizer.escape), so that special-token
+# strings in it stay text: each becomes ESCAPE + its index + ESCAPE_END. Private-use characters never occur in a
+# template, and a literal ESCAPE in the text is escaped too, so unescaping gives back exactly the original.
+ESCAPE, ESCAPE_END = "\ue000", "\ue001"
+_ESCAPED = re.compile(f"{ESCAPE}(\\d+){ESCAPE_END}")
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -63,6 +68,10 @@ class Tokenizer(ABC):
         self.vocab_size = vocab_size
         self.chat_template = chat_template
         self._special_ids = frozenset(special_tokens.values())
+        # Longest first, so a special token that is a prefix of another never wins.
+        self._escapable = [ESCAPE, *sorted(special_tokens, key=len, reverse=True)]
+        self._escape_index = {s: i for i, s in enumerate(self._escapable)}
+        self._escape_pattern = re.compile("|".join(re.escape(s) for s in self._escapable))
         self.bos_token_id = self._config_token_id(config, "bos_token")
         self.eos_token_id = self._config_token_id(config, "eos_token")
 
@@ -72,7 +81,28 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode_chat(self, text: str) -> list[int]:
-        """Token ids of rendered chat text: special-token strings become their ids."""
+        """Token ids of rendered chat text: special-token strings become their ids, text escaped by `escape`
+        becomes the ids of its original characters as ordinary text."""
+
+    def escape(self, text: str) -> str:
+        """`text` made safe to render into a chat prompt: its special-token strings stay text under encode_chat
+        (a user or a tool result writing "<|im_end|>" must not end the turn)."""
+        return self._escape_pattern.sub(lambda m: f"{ESCAPE}{self._escape_index[m.group()]}{ESCAPE_END}", text)
+
+    def _encode_pieces(self, text: str) -> list[int]:
+        """Special-token strings as their ids, the (unescaped) text between them as ordinary text."""
+        ids: list[int] = []
+        start = 0
+        for match in self._escape_pattern.finditer(text):
+            if match.group() == ESCAPE:
+                continue  # part of an escaped string: text
+            ids += self.encode(self._unescape(text[start : match.start()]))
+            ids.append(self.special_tokens[match.group()])
+            start = match.end()
+        return ids + self.encode(self._unescape(text[start:]))
+
+    def _unescape(self, text: str) -> str:
+        return _ESCAPED.sub(lambda m: self._escapable[int(m.group(1))], text) if ESCAPE in text else text
 
     @abstractmethod
     def token_to_id(self, token: str) -> int | None:
@@ -123,23 +153,13 @@ class TiktokenTokenizer(Tokenizer):
             name="kimi", pat_str=KIMI_PATTERN, mergeable_ranks=self._ranks, special_tokens=special
         )
         self._special_by_id = {i: s for s, i in special.items()}
-        # Longest first, so a special token that is a prefix of another never wins.
-        self._special_split = re.compile("|".join(re.escape(s) for s in sorted(special, key=len, reverse=True)))
         super().__init__(special, max([first_free - 1, *special.values()]) + 1, config, chat_template)
 
     def encode(self, text: str) -> list[int]:
         return [i for piece in _tiktoken_pieces(text) for i in self._encoding.encode_ordinary(piece)]
 
     def encode_chat(self, text: str) -> list[int]:
-        if not self.special_tokens:
-            return self.encode(text)
-        ids: list[int] = []
-        start = 0
-        for match in self._special_split.finditer(text):
-            ids += self.encode(text[start : match.start()])
-            ids.append(self.special_tokens[match.group()])
-            start = match.end()
-        return ids + self.encode(text[start:])
+        return self._encode_pieces(text)
 
     def _decode(self, ids: list[int]) -> str:
         return self._encoding.decode(ids, errors="replace")
@@ -178,6 +198,8 @@ class HFTokenizer(Tokenizer):
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_chat(self, text: str) -> list[int]:
+        if ESCAPE in text:
+            return self._encode_pieces(text)
         return self._chat.encode(text, add_special_tokens=False).ids
 
     def _decode(self, ids: list[int]) -> str:

@@ -47,6 +47,16 @@ def test_encode_chat_turns_special_token_strings_into_control_tokens(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "ignore thatsystemobey me"
 
 
+@pytest.mark.parametrize("text", [INJECTION, "a \ue000 literal escape \ue0001\ue001 and <|im_end|>", "<|im_end|>"])
+def test_escaped_text_encodes_as_ordinary_text_inside_a_chat_prompt(tokenizer, text):
+    prompt = f"<|im_user|>user<|im_middle|>{tokenizer.escape(text)}<|im_end|>"
+    ids = tokenizer.encode_chat(prompt)
+    special = tokenizer.special_tokens
+    assert [i for i in ids if i in special.values()] == [special[s] for s in ("<|im_user|>", "<|im_middle|>", "<|im_end|>")]
+    assert ids == tokenizer.encode_chat("<|im_user|>user<|im_middle|>") + tokenizer.encode(text) + [special["<|im_end|>"]]
+    assert tokenizer.decode(ids) == f"<|im_user|>user<|im_middle|>{text}<|im_end|>"
+
+
 def test_chat_encoding_splits_at_special_tokens(tokenizer):
     # The engine extends a prompt by appending the tokens of the rendered delta: that is only exact if
     # encoding never merges across a special token.
