@@ -2,8 +2,8 @@
 
 Measures, in the same run, the device copy bandwidth (a large device-to-device copy) and the bf16 matmul rate
 (an 8192^3 torch.mm), then for each case prints the Triton kernel's time, achieved HBM bandwidth and TFLOP/s, their
-fractions of those peaks, the torch reference's time (dequantize then per-expert bf16 matmul; gathered fp32
-attention) with the speedup, and the kernel's max error against it. Bytes count what must move at least: the
+fractions of those peaks, the torch baseline's time (dequantize the touched experts, then bf16 grouped matmuls;
+gathered fp32 attention) with the speedup, and the kernel's max error against it. Bytes count what must move at least: the
 touched experts' packed weights and scales plus activations in and out; the cached latents plus q and out.
 
     python benchmarks/bench_kernels.py                            # CUDA: K2 shapes, decode batch 1-512, prefill
@@ -86,7 +86,7 @@ def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_moe(device, copy_bw, matmul_rate, smoke) -> list[Row]:
-    from kernels.int4_moe import Int4Weight, fused_moe_reference, fused_moe_triton
+    from kernels.int4_moe import Int4Weight, fused_moe_grouped_reference, fused_moe_triton
 
     shape = SMOKE_MOE if smoke else K2_MOE
     e, k, h, i = shape["experts"], shape["top_k"], shape["hidden"], shape["inter"]
@@ -108,8 +108,8 @@ def bench_moe(device, copy_bw, matmul_rate, smoke) -> list[Row]:
         topk_weights = torch.rand(m, k, device=device).softmax(dim=1)
         out = fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
         seconds = measure(lambda: fused_moe_triton(x, w13, w2, topk_weights, topk_ids), device)
-        ref = fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
-        ref_seconds = measure(lambda: fused_moe_reference(x, w13, w2, topk_weights, topk_ids), device)
+        ref = fused_moe_grouped_reference(x, w13, w2, topk_weights, topk_ids)
+        ref_seconds = measure(lambda: fused_moe_grouped_reference(x, w13, w2, topk_weights, topk_ids), device)
         touched = topk_ids.unique().numel()
         moved = touched * expert_bytes + 2 * x.numel() * x.element_size()
         flops = 2 * m * k * 3 * h * i

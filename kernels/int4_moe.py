@@ -121,6 +121,69 @@ def fused_moe_reference(
     return out
 
 
+def fused_moe_grouped_reference(
+    x: torch.Tensor,
+    w13: ExpertWeights,
+    w2: ExpertWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts_per_chunk: int = 32,
+) -> torch.Tensor:
+    """fused_moe_reference's math the way a torch-only MoE runs it, the kernels' baseline: dequantize every expert
+    that got tokens to x's dtype, then one grouped matmul per projection over the assignments sorted by expert.
+
+    Dequantization goes `experts_per_chunk` experts at a time (unpacking 384 of K2's experts at once would need
+    tens of GB of int32 temporaries). Expert groups are padded to 16 rows, the alignment grouped GEMMs need.
+    """
+    top_k = topk_ids.shape[1]
+    flat = topk_ids.flatten()
+    used, counts = torch.unique(flat, return_counts=True)
+    order = torch.argsort(flat, stable=True)
+    padded = (counts + 15) // 16 * 16
+    ends = padded.cumsum(0)
+    # Row r of the padded, expert-sorted assignments holds assignment order[...] or nothing (padding).
+    starts = ends - padded
+    rank = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+    rows = starts.repeat_interleave(counts) + rank
+    assignment = torch.full((int(ends[-1]),), -1, dtype=torch.long, device=x.device)
+    assignment[rows] = order
+    real = assignment >= 0
+    a = torch.zeros(assignment.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+    a[real] = x[assignment[real] // top_k]
+
+    def dense(w: ExpertWeights) -> torch.Tensor:
+        if not isinstance(w, Int4Weight):
+            return w[used].to(x.dtype)
+        out = torch.empty(used.numel(), w.out_features, w.in_features, dtype=x.dtype, device=x.device)
+        for i in range(0, used.numel(), experts_per_chunk):
+            chunk = used[i : i + experts_per_chunk]
+            out[i : i + chunk.numel()] = unpack_int4(w.packed[chunk], w.scale[chunk], x.dtype)
+        return out
+
+    offs = ends.to(torch.int32)
+    gate, up = _grouped_mm(a, dense(w13).transpose(-2, -1), offs).chunk(2, dim=-1)
+    y = _grouped_mm(F.silu(gate) * up, dense(w2).transpose(-2, -1), offs)
+    weights = topk_weights.flatten()[assignment[real]].unsqueeze(-1)
+    out = torch.zeros_like(x)
+    out.index_add_(0, assignment[real] // top_k, (y[real] * weights).to(x.dtype))
+    return out
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [rows, K] (groups end at offs) times b [groups, K, N]: torch's grouped GEMM where it runs (CPU, and bf16
+    on Hopper or newer), else one matmul per group."""
+    if hasattr(torch, "_grouped_mm") and (
+        not a.is_cuda or (a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] >= 9)
+    ):
+        return torch._grouped_mm(a, b, offs=offs)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for group, end in enumerate(offs.tolist()):
+        out[start:end] = a[start:end] @ b[group]
+        start = end
+    return out
+
+
 @dataclass(frozen=True)
 class ExpertBlocks:
     """Token-to-expert alignment: assignment ids (token * top_k + slot) grouped by expert, each group padded to

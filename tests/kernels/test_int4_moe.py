@@ -9,6 +9,7 @@ from kernels.int4_moe import (
     expert_down,
     expert_gate_up,
     fused_moe,
+    fused_moe_grouped_reference,
     fused_moe_reference,
     fused_moe_triton,
     pack_int4,
@@ -81,6 +82,18 @@ def test_fused_moe_triton_matches_reference(tokens, experts, top_k, hidden, inte
     ref = fused_moe_reference(x.float(), w13, w2, topk_weights, topk_ids)
     assert result.data_ptr() == out.data_ptr()
     assert out.isfinite().all()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(("tokens", "dtype"), [(1, torch.float32), (37, torch.float32), (37, torch.bfloat16)])
+def test_grouped_baseline_matches_reference(tokens, dtype):
+    # The benchmark's torch baseline (dequantize, then grouped matmuls) computes the same MoE.
+    torch.manual_seed(tokens)
+    w13, w2 = packed_experts(8, 64, 32), packed_experts(8, 32, 32)
+    topk_weights, topk_ids = routing(tokens, 8, 3, unused={4})
+    x = torch.randn(tokens, 32).to(dtype)
+    out = fused_moe_grouped_reference(x, w13, w2, topk_weights.to(dtype), topk_ids, experts_per_chunk=3)
+    ref = fused_moe_reference(x.float(), w13, w2, topk_weights, topk_ids)
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
