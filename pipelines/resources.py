@@ -1,6 +1,7 @@
 """Resources: the storage root (with its fsspec options), the engine (one model load per run process),
 and an IO manager that keeps step outputs under the storage root, so steps can run on different machines."""
 
+import os
 import pickle
 import re
 from typing import Any
@@ -14,10 +15,38 @@ from k2batch.engine import Engine, EngineConfig
 from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
 
 _GLOB = re.compile(r"[\[\]*?]+")
+SECRET_FIELDS = ("key", "secret", "token")
+
+
+class EnvVarName(dg.Config):
+    """A secret by reference: the value is read from the environment of the process that uses it, so it is
+    never in run config, the run's tags or the event log."""
+
+    env: str = Field(description="Name of the environment variable holding the value.")
+
+    def value(self, field: str) -> str:
+        if self.env not in os.environ:
+            raise ValueError(f"storage {field}: environment variable {self.env} is not set")
+        return os.environ[self.env]
+
+
+def secret_reference(field: str, value: Any) -> Any:
+    """`value` as an EnvVarName: dg.EnvVar("X") (Python) and {"env": "X"} (run config) are; a literal is refused."""
+    if isinstance(value, dg.EnvVar):
+        return EnvVarName(env=value.env_var_name)
+    if isinstance(value, str):
+        raise ValueError(
+            f"storage {field}: a literal value; pass it as dg.EnvVar(\"VARIABLE\") in Python or "
+            f"{{env: VARIABLE}} in run config (or leave it to the AWS_* environment)"
+        )
+    return value
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Where batches live: {root}/inputs/, {root}/outputs/ and Dagster's step outputs under {root}/dagster/."""
+    """Where batches live: {root}/inputs/, {root}/outputs/ and Dagster's step outputs under {root}/dagster/.
+
+    Credentials are only references to environment variables (dg.EnvVar, or {env: ...} in the launchpad);
+    without them s3fs and polars read the AWS_* environment themselves."""
 
     root: str = Field(description="Storage root: a local path or fsspec URI such as s3://bucket/prefix.")
     options: dict[str, Any] = Field(
@@ -25,9 +54,13 @@ class StorageResource(dg.ConfigurableResource):
         description="fsspec options for object stores (s3fs: endpoint_url, client_kwargs = {region_name}); "
         "no secrets here.",
     )
-    key: str | None = Field(default=None, description="S3 access key id: only as an EnvVar, never a literal.")
-    secret: str | None = Field(default=None, description="S3 secret access key: only as an EnvVar.")
-    token: str | None = Field(default=None, description="S3 session token: only as an EnvVar.")
+    key: EnvVarName | None = Field(default=None, description="S3 access key id, as {env: VARIABLE} only.")
+    secret: EnvVarName | None = Field(default=None, description="S3 secret access key, as {env: VARIABLE} only.")
+    token: EnvVarName | None = Field(default=None, description="S3 session token, as {env: VARIABLE} only.")
+
+    def __init__(self, **data: Any) -> None:
+        # Here, not in a pydantic validator: Dagster puts a dg.EnvVar argument back over the validated field.
+        super().__init__(**{k: secret_reference(k, v) if k in SECRET_FIELDS else v for k, v in data.items()})
 
     def model_post_init(self, context: Any) -> None:
         super().model_post_init(context)
@@ -40,9 +73,9 @@ class StorageResource(dg.ConfigurableResource):
             )
 
     def fsspec_options(self) -> dict[str, Any]:
-        """The options with the credentials given as EnvVars, for k2batch's storage functions."""
-        secrets = {"key": self.key, "secret": self.secret, "token": self.token}
-        return {**self.options, **{name: value for name, value in secrets.items() if value}}
+        """The options with the credentials read from their environment variables, for k2batch's storage functions."""
+        secrets = {name: getattr(self, name) for name in SECRET_FIELDS}
+        return {**self.options, **{name: ref.value(name) for name, ref in secrets.items() if ref is not None}}
 
 
 class EngineResource(dg.ConfigurableResource):

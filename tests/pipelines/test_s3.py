@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from k2batch.storage import parquet_bytes, polars_storage_options
+from k2batch.storage import FileInfo, parquet_bytes, polars_storage_options
+from pipelines.batches import BatchInput
 from pipelines.definitions import build_definitions
 from pipelines.resources import StorageResource
 from pipelines.sensors import batch_inputs
@@ -30,20 +31,33 @@ def s3_storage(s3_bucket, s3_options, monkeypatch) -> StorageResource:  # noqa: 
     )
 
 
-def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(s3_storage, s3_options, batch_model):  # noqa: F811
+def refuse_downloads(*args, **kwargs):
+    raise AssertionError("the sensor opened an input file: fingerprints come from the listing's ETags")
+
+
+def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
+    s3_storage, s3_options, batch_model, monkeypatch  # noqa: F811
+):
     fs = s3fs.S3FileSystem(**s3_options)
-    fs.pipe(f"{s3_storage.root}/inputs/b1/jobs.parquet", parquet_bytes(JOBS))
+    jobs_uri = f"{s3_storage.root}/inputs/b1/jobs.parquet"
+    fs.pipe(jobs_uri, parquet_bytes(JOBS))
     fs.pipe(f"{s3_storage.root}/inputs/b1/notes.txt", b"not a batch file")
 
     defs = build_definitions(storage=s3_storage, engine=ScriptedEngine())
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance, resources={"storage": s3_storage})
-        tick = batch_inputs(context)
+        with monkeypatch.context() as patch:
+            patch.setattr(s3fs.S3FileSystem, "_open", refuse_downloads)
+            tick = batch_inputs(context)
         (request,) = tick.run_requests
         assert request.partition_key == "b1" and request.tags["k2batch/input"] == f"{s3_storage.root}/inputs/b1"
-        etag = fs.info(f"{s3_storage.root}/inputs/b1/jobs.parquet")["ETag"].strip('"')
-        assert request.run_key.startswith("inputs:b1:") and request.tags["k2batch/fingerprint"] in request.run_key
-        assert etag  # the fingerprint is built from S3's ETag, not a download of the file
+        # The fingerprint is the one built from S3's ETag of the file (read from the listing, no download).
+        etag = fs.info(jobs_uri)["ETag"].strip('"')
+        from_etag = BatchInput(
+            name="b1", input_uri=f"{s3_storage.root}/inputs/b1", nightly=False, files=(FileInfo(jobs_uri, 0, 0.0, etag),)
+        )
+        assert request.tags["k2batch/fingerprint"] == from_etag.fingerprint
+        assert request.run_key == f"inputs:b1:{from_etag.fingerprint}"
         for partitions in tick.dynamic_partitions_requests:
             instance.add_dynamic_partitions(partitions.partitions_def_name, list(partitions.partition_keys))
 
@@ -79,3 +93,39 @@ def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(s3_storage, s3
 def test_literal_secrets_in_storage_options_are_refused():
     with pytest.raises(ValueError, match="EnvVar"):
         StorageResource(root="s3://bucket", options={"endpoint_url": "http://x", "secret": "hunter2"})
+
+
+@dg.asset
+def storage_options(storage: StorageResource) -> dict:
+    return storage.fsspec_options()
+
+
+def test_credentials_are_env_vars_only(monkeypatch):
+    monkeypatch.setenv("TEST_S3_KEY", "AKIA-from-env")
+    monkeypatch.setenv("TEST_S3_SECRET", "secret-from-env")
+    for field in ("key", "secret", "token"):
+        with pytest.raises(ValueError, match=rf"storage {field}: a literal value; pass it as dg.EnvVar"):
+            StorageResource(root="s3://bucket", **{field: "hunter2"})
+    # Python: dg.EnvVar; the value is read where the resource is used, never stored.
+    storage = StorageResource(root="s3://bucket", key=dg.EnvVar("TEST_S3_KEY"), secret=dg.EnvVar("TEST_S3_SECRET"))
+    assert "AKIA-from-env" not in repr(storage)
+    assert storage.fsspec_options() == {"key": "AKIA-from-env", "secret": "secret-from-env"}
+    result = dg.materialize([storage_options], resources={"storage": storage})
+    assert result.output_for_node("storage_options")["key"] == "AKIA-from-env"
+    # The launchpad: {env: VARIABLE} works, a literal string is refused by the config schema.
+    launched = {"storage": StorageResource.configure_at_launch()}
+    config = {"root": "s3://bucket", "key": {"env": "TEST_S3_KEY"}, "secret": {"env": "TEST_S3_SECRET"}}
+    result = dg.materialize(
+        [storage_options], resources=launched, run_config={"resources": {"storage": {"config": config}}}
+    )
+    assert result.output_for_node("storage_options") == {"key": "AKIA-from-env", "secret": "secret-from-env"}
+    config["key"] = "AKIA-literal"
+    with pytest.raises(dg.DagsterInvalidConfigError, match=r"config:key must be dict. Expected: .\{ env:"):
+        dg.materialize([storage_options], resources=launched, run_config={"resources": {"storage": {"config": config}}})
+
+
+def test_unset_credential_variable_is_named(monkeypatch):
+    monkeypatch.delenv("TEST_S3_UNSET", raising=False)
+    storage = StorageResource(root="s3://bucket", token=dg.EnvVar("TEST_S3_UNSET"))
+    with pytest.raises(ValueError, match="storage token: environment variable TEST_S3_UNSET is not set"):
+        storage.fsspec_options()
