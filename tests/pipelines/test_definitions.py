@@ -79,7 +79,11 @@ def test_workspace_instance_has_sqlite_run_retries_and_the_gpu_pool(tmp_path, mo
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
-        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        concurrency = instance.get_concurrency_config()
+        # One engine in memory: one gpu slot, and one run (its process keeps its engine for the whole run).
+        assert concurrency.pool_config.default_pool_limit == 1
+        assert concurrency.run_queue_config.max_concurrent_runs == 1
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     job = build_definitions().resolve_job_def("batch_job")
     step = job.graph.node_named("shard_results").definition.node_named("run_shard").definition
     assert step.pool == "gpu" and step.retry_policy.max_retries == load_settings().shards.max_retries
