@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -26,15 +27,21 @@ from k2batch.storage import (
     FileInfo,
     StorageOptions,
     WrittenFile,
+    child_names,
+    file_sha256,
     filesystem,
     join,
     list_files,
     read_json,
+    remove,
     write_json_atomic,
     write_parquet_atomic,
 )
 
 log = logging.getLogger(__name__)
+
+# Rows decoded at once when planning checks an input: bounds memory to a batch, not a file.
+_DECODE_BATCH_ROWS = 8192
 
 
 class InputError(Exception):
@@ -136,7 +143,8 @@ def _job_ids(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
 
 
 def _inspect(file: FileInfo, options: StorageOptions) -> tuple[int, pa.Schema, pa.ChunkedArray | None]:
-    """Row count, schema and job_ids of one input file; reading the ids also catches corrupt data pages."""
+    """Row count, schema and job_ids of one input file, which is decoded in full here, a batch of rows at a
+    time: a damaged page in any column fails planning, before any shard writes outputs."""
     if file.size == 0:  # a file created but never written: no rows, rather than a corrupt file
         return 0, pa.schema([]), None
     with _parquet(file.uri, options) as parquet:
@@ -144,9 +152,16 @@ def _inspect(file: FileInfo, options: StorageOptions) -> tuple[int, pa.Schema, p
         reserved = sorted(set(schema.names) & set(RESERVED_COLUMNS))
         if reserved:
             raise InputError(f"{file.uri}: columns {', '.join(reserved)} are reserved for k2batch; rename them")
-        ids = None
-        if parquet.metadata.num_rows and "job_id" in schema.names:
-            ids = _job_ids(parquet.read(columns=["job_id"]).column(0))
+        id_chunks, decoded = [], 0
+        for batch in parquet.iter_batches(batch_size=_DECODE_BATCH_ROWS):
+            decoded += batch.num_rows
+            if "job_id" in schema.names:
+                id_chunks.append(batch.column("job_id"))
+        if decoded != parquet.metadata.num_rows:
+            raise InputError(
+                f"{file.uri}: {decoded:,} of the {parquet.metadata.num_rows:,} rows its footer lists decode; replace it"
+            )
+        ids = _job_ids(pa.chunked_array(id_chunks, schema.field("job_id").type)) if id_chunks else None
         return parquet.metadata.num_rows, schema, ids
 
 
@@ -295,6 +310,9 @@ def shard_name(index: int) -> str:
     return f"shard={index:05d}"
 
 
+_SHARD_NAME = re.compile(r"shard=(\d+)(?:\.json)?")
+
+
 def results_uri(output_uri: str, index: int) -> str:
     return join(output_uri, "results", shard_name(index), "part-0.parquet")
 
@@ -309,6 +327,62 @@ def manifest_uri(output_uri: str, index: int) -> str:
 
 def summary_uri(output_uri: str) -> str:
     return join(output_uri, "summary.json")
+
+
+def attempts_uri(output_uri: str, index: int) -> str:
+    return join(output_uri, "attempts", shard_name(index))
+
+
+def remove_stale_shards(output_uri: str, plan: ShardPlan, options: StorageOptions = None) -> list[int]:
+    """Delete the outputs of shards `plan` does not have (an input rewritten with fewer rows leaves them behind),
+    so summaries and the reader glob count only this plan's shards; returns their indexes.
+
+    Each stale shard loses its manifest first: a reader never sees a complete-looking shard with files missing."""
+    planned = {shard.index for shard in plan.shards}
+    found = {
+        int(match.group(1))
+        for kind in ("manifests", "results", "traces", "attempts")
+        for name in child_names(join(output_uri, kind), options)
+        if (match := _SHARD_NAME.fullmatch(name))
+    }
+    stale = sorted(found - planned)
+    for index in stale:
+        remove(manifest_uri(output_uri, index), options)
+        for kind in ("results", "traces", "attempts"):
+            remove(join(output_uri, kind, shard_name(index)), options, recursive=True)
+        log.info("removed the outputs of shard %d under %s: the plan has no such shard now", index, output_uri)
+    return stale
+
+
+class AttemptMarker(msgspec.Struct, frozen=True, kw_only=True):
+    """Written when an attempt at a shard starts, so the next start knows how many came before it."""
+
+    shard: int
+    input_hash: str
+    config_hash: str
+    attempt: int
+    started_at: float
+
+
+def start_attempt(
+    output_uri: str, shard: Shard, config_hash: str, options: StorageOptions = None, *, attempt: int | None = None
+) -> int:
+    """Mark an attempt at `shard` as started and return its number: `attempt` when the caller counts its own
+    tries (an orchestrator's retries), else one more than the markers of earlier attempts at the same inputs
+    and config, crashed ones included (a count in memory would restart at 1 after a kill)."""
+    prefix = attempts_uri(output_uri, shard.index)
+    if attempt is None:
+        earlier = [
+            read_json(join(prefix, name), options, type=AttemptMarker)
+            for name in child_names(prefix, options)
+            if name.endswith(".json")
+        ]
+        attempt = 1 + sum(m.input_hash == shard.input_hash and m.config_hash == config_hash for m in earlier)
+    marker = AttemptMarker(
+        shard=shard.index, input_hash=shard.input_hash, config_hash=config_hash, attempt=attempt, started_at=time.time()
+    )
+    write_json_atomic(join(prefix, f"{time.time_ns()}.json"), marker, options)
+    return attempt
 
 
 def new_manifest(shard: Shard, config_hash: str, attempt: int = 1) -> ShardManifest:
@@ -364,28 +438,33 @@ def write_shard_outputs(
 
 
 def completed_shards(output_uri: str, plan: ShardPlan, config_hash: str, options: StorageOptions = None) -> set[int]:
-    """Indexes of shards already done: a manifest for the same input slice and config, and its files in place."""
-    manifests = {file.uri for file in list_files(join(output_uri, "manifests"), options, suffix=".json")}
-    sizes = {
-        file.uri: file.size for kind in ("results", "traces") for file in list_files(join(output_uri, kind), options)
-    }
+    """Indexes of shards already done: a manifest for the same input slice and config, and its files in place
+    with the SHA-256 it recorded. The files are read back in full for that: a damaged or replaced one (same
+    size or not) makes its shard run again, rather than being counted as done."""
+    manifests = set(child_names(join(output_uri, "manifests"), options))
     done = set()
     for shard in plan.shards:
         uri = manifest_uri(output_uri, shard.index)
-        if uri not in manifests:
+        if uri.rsplit("/", 1)[-1] not in manifests:
             continue
         try:
             manifest = read_json(uri, options, type=ShardManifest)
         except msgspec.DecodeError:
             log.warning("manifest %s is unreadable; shard %d will run again", uri, shard.index)
             continue
-        if (
-            manifest.input_hash == shard.input_hash
-            and manifest.config_hash == config_hash
-            and manifest.results is not None
-            and manifest.traces is not None
-            and sizes.get(results_uri(output_uri, shard.index)) == manifest.results.size
-            and sizes.get(traces_uri(output_uri, shard.index)) == manifest.traces.size
-        ):
-            done.add(shard.index)
+        if manifest.input_hash != shard.input_hash or manifest.config_hash != config_hash:
+            continue
+        # The URIs of this output prefix, not the manifest's: a copied or remounted batch keeps its shards.
+        damaged = [
+            where
+            for where, written in (
+                (results_uri(output_uri, shard.index), manifest.results),
+                (traces_uri(output_uri, shard.index), manifest.traces),
+            )
+            if written is None or file_sha256(where, options) != written.sha256
+        ]
+        if damaged:
+            log.warning("shard %d: %s missing or changed since its manifest; it will run again", shard.index, damaged)
+            continue
+        done.add(shard.index)
     return done

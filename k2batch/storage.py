@@ -63,6 +63,39 @@ def exists(uri: str, options: StorageOptions = None) -> bool:
     return fs.exists(path)
 
 
+def remove(uri: str, options: StorageOptions = None, *, recursive: bool = False) -> None:
+    """Delete the file at `uri` (with `recursive`, everything under it too); nothing there is no error."""
+    fs, path = filesystem(uri, options)
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def child_names(prefix_uri: str, options: StorageOptions = None) -> list[str]:
+    """Names of the files and folders directly under `prefix_uri`, sorted; none when it does not exist."""
+    fs, path = filesystem(prefix_uri, options)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries} - {""})
+
+
+def file_sha256(uri: str, options: StorageOptions = None) -> str | None:
+    """SHA-256 of the file's bytes, read in chunks; None when there is no file."""
+    fs, path = filesystem(uri, options)
+    fs.invalidate_cache(path)
+    digest = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
 def read_bytes(uri: str, options: StorageOptions = None) -> bytes:
     fs, path = filesystem(uri, options)
     return fs.cat_file(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,15 @@ from k2batch.records import RunInfo, results_table, traces_table, validate_jobs
 from k2batch.shards import (
     InputError,
     ShardPlan,
+    attempts_uri,
     completed_shards,
     manifest_uri,
     new_manifest,
     plan_shards,
     read_shard_rows,
+    remove_stale_shards,
     results_uri,
+    start_attempt,
     summary_uri,
     traces_uri,
     write_shard_outputs,
@@ -135,6 +139,30 @@ def test_a_truncated_file_fails_the_plan_before_anything_is_written(inputs: str,
         plan_shards(inputs, 4)
 
 
+def damage_column(path: Path, column: str) -> None:
+    """Overwrite the middle of `column`'s chunk in row group 0 with junk: the footer and other columns stay intact."""
+    parquet = pq.ParquetFile(path)
+    chunk = parquet.metadata.row_group(0).column(parquet.schema_arrow.names.index(column))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    middle = start + chunk.total_compressed_size // 2
+    data[middle : middle + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("with_id", [True, False])
+def test_damage_in_any_column_fails_the_plan(tmp_path: Path, with_id: bool) -> None:
+    rng = random.Random(0)
+    notes = ["".join(rng.choice("abcdefghij") for _ in range(200)) for _ in range(300)]  # pages worth damaging
+    table = pa.table({"job_id": [f"j{i}" for i in range(300)], "prompt": ["p"] * 300, "notes": notes})
+    path = tmp_path / "jobs.parquet"
+    pq.write_table(table if with_id else table.drop_columns(["job_id"]), path, compression="zstd")
+    damage_column(path, "notes")
+    pq.read_table(path, columns=["job_id", "prompt"] if with_id else ["prompt"])  # the other columns still read
+    with pytest.raises(InputError, match=r"jobs\.parquet: not a readable Parquet file"):
+        plan_shards(str(tmp_path), 100)
+
+
 def test_inputs_that_cannot_form_one_batch(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no Parquet files there"):
         plan_shards(str(tmp_path / "nothing"), 4)
@@ -185,6 +213,62 @@ def test_resume_skips_complete_shards_and_redoes_the_rest(inputs: str, tmp_path:
     # A results file that is not the one the manifest describes: redone.
     storage.write_bytes_atomic(results_uri(output, 1), b"not these", None)
     assert completed_shards(output, replanned, CONFIG) == set()
+
+
+def test_a_complete_shard_damaged_in_place_is_redone(inputs: str, tmp_path: Path) -> None:
+    output = str(tmp_path / "outputs")
+    plan = plan_shards(inputs, 4)
+    run_shard(plan, 0, output)
+    run_shard(plan, 1, output)
+    for uri in (results_uri(output, 1), traces_uri(output, 0)):
+        good = bytearray(storage.read_bytes(uri))
+        good[len(good) // 2] ^= 0xFF  # one flipped bit pattern: same size, different bytes
+        Path(uri).write_bytes(bytes(good))
+    assert completed_shards(output, plan, CONFIG) == set()
+    run_shard(plan, 1, output)
+    assert completed_shards(output, plan, CONFIG) == {1}
+
+
+def test_stale_shards_are_removed_manifest_first(inputs: str, tmp_path: Path, monkeypatch) -> None:
+    output = str(tmp_path / "outputs")
+    plan = plan_shards(inputs, 3)
+    assert len(plan.shards) == 3
+    for shard in plan.shards:
+        start_attempt(output, shard, CONFIG)
+        run_shard(plan, shard.index, output)
+    Path(results_uri(output, 2)).with_name(".part-0.parquet.abc.tmp").write_bytes(b"left by a kill")
+    # b.parquet is rewritten with fewer rows: 5 rows in two shards now, shard 2 is stale.
+    pq.write_table(pa.table({"job_id": ["b0", "b1"], "prompt": ["q", "q"]}), Path(inputs) / "b.parquet")
+    replanned = plan_shards(inputs, 3)
+    assert len(replanned.shards) == 2
+    removed = []
+    real_remove = storage.remove
+    monkeypatch.setattr(
+        "k2batch.shards.remove", lambda uri, options=None, **kw: removed.append(uri) or real_remove(uri, options, **kw)
+    )
+    assert remove_stale_shards(output, replanned) == [2]
+    assert removed[0] == manifest_uri(output, 2)  # first: no moment where shard 2 looks complete but is not
+    for uri in (manifest_uri(output, 2), results_uri(output, 2), traces_uri(output, 2), attempts_uri(output, 2)):
+        assert not Path(uri).exists()
+    assert not Path(results_uri(output, 2)).parent.exists()  # the folder goes too, temporary leftovers with it
+    for index in (0, 1):
+        assert Path(manifest_uri(output, index)).exists() and Path(results_uri(output, index)).exists()
+    frame = pl.read_parquet(f"{output}/results/**/*.parquet", hive_partitioning=True)
+    assert sorted(frame["shard"].unique().to_list()) == [0, 1]
+    assert remove_stale_shards(output, replanned) == []
+    assert remove_stale_shards(str(tmp_path / "never-written"), replanned) == []
+
+
+def test_attempts_count_earlier_starts_of_the_same_shard(inputs: str, tmp_path: Path) -> None:
+    output = str(tmp_path / "outputs")
+    plan = plan_shards(inputs, 4)
+    shard = plan.shards[0]
+    assert [start_attempt(output, shard, CONFIG) for _ in range(3)] == [1, 2, 3]  # e.g. two crashed runs, then one
+    assert start_attempt(output, plan.shards[1], CONFIG) == 1  # per shard
+    assert start_attempt(output, shard, "another-config") == 1  # per inputs and config
+    assert start_attempt(output, shard, CONFIG, attempt=7) == 7  # an orchestrator that counts its own retries
+    assert start_attempt(output, shard, CONFIG) == 5
+    assert len(list(Path(attempts_uri(output, 0)).iterdir())) == 6
 
 
 def test_outputs_are_refused_when_rows_went_missing(inputs: str, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,20 @@ def test_list_files_sorted_filtered_with_sizes_times_and_fingerprints(root: tupl
     assert storage.list_files(storage.join(uri, "b", "notes.txt"), options, suffix=".txt")[0].uri.endswith("notes.txt")
     assert [f.uri for f in storage.list_files(expected[0], options)] == [expected[0]]
     assert storage.list_files(storage.join(uri, "missing"), options) == []
+
+
+def test_children_hashes_and_removal(root: tuple[str, dict[str, Any]]) -> None:
+    uri, options = root
+    for name in ["a/1.json", "a/2.json", "b.json"]:
+        storage.write_bytes_atomic(storage.join(uri, name), name.encode(), options)
+    assert storage.child_names(uri, options) == ["a", "b.json"]
+    assert storage.child_names(storage.join(uri, "missing"), options) == []
+    assert storage.file_sha256(storage.join(uri, "b.json"), options) == hashlib.sha256(b"b.json").hexdigest()
+    assert storage.file_sha256(storage.join(uri, "nope.json"), options) is None
+    storage.remove(storage.join(uri, "b.json"), options)
+    storage.remove(storage.join(uri, "a"), options, recursive=True)
+    storage.remove(storage.join(uri, "never"), options, recursive=True)  # nothing there: no error
+    assert storage.child_names(uri, options) == []
 
 
 def test_a_failed_move_leaves_neither_target_nor_temporary(monkeypatch: pytest.MonkeyPatch) -> None:

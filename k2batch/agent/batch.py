@@ -23,6 +23,7 @@ from k2batch.shards import (
     new_manifest,
     plan_shards,
     read_shard_rows,
+    remove_stale_shards,
     summary_uri,
     write_shard_outputs,
 )
@@ -149,6 +150,7 @@ def run_batch(
     config = config or load_config()
     options = config.storage.options
     plan = plan_shards(input_uri, config.shards.rows_per_shard, options)
+    remove_stale_shards(output_uri, plan, options)
     done = completed_shards(output_uri, plan, config_hash(config), options)
     todo = [shard for shard in plan.shards if shard.index not in done]
     log.info("%d shards, %d complete, %d to run", len(plan.shards), len(done), len(todo))
