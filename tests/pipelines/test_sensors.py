@@ -8,13 +8,15 @@ from datetime import datetime, timezone
 import dagster as dg
 import pyarrow as pa
 import pytest
+from dagster._core.test_utils import create_run_for_test
 
 from k2batch.storage import FileInfo
 from pipelines.assets import batches
 from pipelines.definitions import build_definitions
 from pipelines.resources import StorageResource
 from pipelines.schedules import nightly_batches
-from pipelines.sensors import InputsCursor, batch_inputs
+from pipelines.batches import list_batches
+from pipelines.sensors import RUN_KEY_TAG, InputsCursor, batch_inputs
 from tests.pipelines.conftest import write_jobs
 
 
@@ -31,12 +33,19 @@ class Inputs:
         return path
 
     def tick(self) -> dg.SensorResult:
+        """One evaluation of the sensor; its requests become runs on the instance, as the daemon makes them."""
         context = dg.build_sensor_context(
             instance=self.instance, cursor=self.cursor, resources={"storage": StorageResource(root=str(self.root))}
         )
         result = batch_inputs(context)
         self.cursor = result.cursor
+        for request in result.run_requests or []:
+            tags = {**request.tags, RUN_KEY_TAG: request.run_key, "dagster/partition": request.partition_key}
+            create_run_for_test(self.instance, job_name="batch_job", status=dg.DagsterRunStatus.SUCCESS, tags=tags)
         return result
+
+    def runs(self, batch: str) -> list[dg.DagsterRun]:
+        return self.instance.get_runs(dg.RunsFilter(tags={"dagster/partition": batch}))
 
 
 @pytest.fixture
@@ -64,19 +73,23 @@ def test_modified_file_is_picked_up_with_a_new_run_key(inputs):
     inputs.write("b1/part-0.parquet", pa.table({"job_id": ["z"], "prompt": ["changed"]}), mtime=1_000_100.0)
     second = requested(inputs.tick())
     assert list(second) == ["b1"] and second["b1"] != first["b1"]
-    assert path.exists() and requested(inputs.tick()) == {}
+    rewritten = list_batches(str(inputs.root)).batches["b1"]
+    assert second["b1"] == f"inputs:b1:{rewritten.fingerprint}"  # the run is of the file as it is now
+    assert requested(inputs.tick()) == {} and len(inputs.runs("b1")) == 2
 
 
 def test_unchanged_file_is_never_relaunched(inputs):
     path = inputs.write("b1/part-0.parquet", mtime=1_000_000.0)
     first = requested(inputs.tick())
+    assert list(first) == ["b1"]
     os.utime(path, (1_000_050.0, 1_000_050.0))  # touched: newer, same bytes
     assert requested(inputs.tick()) == {}
     inputs.write("b2/part-0.parquet", mtime=2_000_000.0)  # b1 drops out of the cursor's window
     assert list(requested(inputs.tick())) == ["b2"]
     os.utime(path, (3_000_000.0, 3_000_000.0))  # touched again, long after: looked at, same content
-    # The same run key as its first run: Dagster never launches a run key of a sensor twice.
-    assert requested(inputs.tick()) == first
+    again = inputs.tick()
+    assert requested(again) == {} and again.skip_reason is not None  # its run key has a run already
+    assert [run.tags[RUN_KEY_TAG] for run in inputs.runs("b1")] == [first["b1"]]
 
 
 def test_non_parquet_files_are_ignored(inputs):
@@ -153,6 +166,38 @@ def test_nightly_schedule_runs_queued_batches_not_yet_run(tmp_path):
         (tmp_path / "outputs" / "n1").mkdir(parents=True)
         (tmp_path / "outputs" / "n1" / "summary.json").write_text("{}")
         assert nightly_batches.evaluate_tick(context).skip_message
+
+
+def test_nightly_schedule_skips_a_batch_still_running_from_last_night(tmp_path):
+    write_jobs(tmp_path / "inputs" / "nightly" / "n1.parquet")
+    write_jobs(tmp_path / "inputs" / "nightly" / "n2.parquet")
+    storage = StorageResource(root=str(tmp_path))
+    defs = build_definitions(storage=storage)
+    with dg.instance_for_test() as instance:
+        def run_of(batch: str, status: dg.DagsterRunStatus) -> dg.DagsterRun:
+            return create_run_for_test(instance, job_name="batch_job", status=status, tags={"dagster/partition": batch})
+
+        # Last night's run of n1 is still going (no summary.json yet); tonight's tick must not start another.
+        last_night = run_of("n1", dg.DagsterRunStatus.STARTED)
+        run_of("n2", dg.DagsterRunStatus.FAILURE)
+
+        def tick(day: int):
+            return nightly_batches.evaluate_tick(
+                dg.build_schedule_context(
+                    instance=instance,
+                    resources={"storage": storage},
+                    scheduled_execution_time=datetime(2026, 11, day, 2, 0, tzinfo=timezone.utc),
+                    repository_def=defs.get_repository_def(),
+                )
+            )
+
+        tonight = tick(24)
+        assert [request.partition_key for request in tonight.run_requests] == ["n2"]  # a failed run resumes
+        run_of("n2", dg.DagsterRunStatus.STARTING)  # launched by hand, say
+        skipped = tick(24)
+        assert not skipped.run_requests and "n1, n2 still running" in skipped.skip_message
+        instance.report_run_failed(instance.get_run_by_id(last_night.run_id))
+        assert "n1" in [request.partition_key for request in tick(25).run_requests]
 
 
 def test_nightly_schedule_cron_and_timezone_come_from_the_settings():
