@@ -139,13 +139,23 @@ def _rope_config(raw: dict[str, Any]) -> RopeConfig:
         theta=theta,
         factor=float(factor),
         original_max_position_embeddings=int(original),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
+        beta_fast=_beta(params, "beta_fast", 32.0),
+        beta_slow=_beta(params, "beta_slow", 1.0),
         mscale=params.get("mscale"),
         mscale_all_dim=params.get("mscale_all_dim"),
         attention_factor=params.get("attention_factor"),
         truncate=bool(params.get("truncate", True)),
     )
+
+
+def _beta(params: dict[str, Any], key: str, default: float) -> float:
+    """A YaRN correction bound in rotations: the default only when absent or null, never in place of a given value."""
+    value = params.get(key)
+    if value is None:
+        return default
+    if value <= 0:  # the ramp divides by the rotation count
+        raise ValueError(f"config.json: rope {key} is {value}; it counts rotations and must be positive")
+    return float(value)
 
 
 def _quant_config(raw: dict[str, Any] | None) -> QuantConfig | None:
