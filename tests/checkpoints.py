@@ -42,8 +42,14 @@ def random_hf_model(seed: int = 0, **overrides):
     return model
 
 
-def save_hf(model, path: Path, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
+def save_hf(
+    model, path: Path, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, fused_experts: bool = False
+) -> Path:
+    """save_pretrained; `fused_experts` keeps transformers 5's in-memory layout (experts.gate_up_proj [E, 2I, H],
+    experts.down_proj [E, H, I]) instead of the per-expert tensors real checkpoints ship."""
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if fused_experts:
+        kwargs["save_original_format"] = False
     model.to(dtype).save_pretrained(path, **kwargs)
     model.to(torch.float32)
     return Path(path)
@@ -129,3 +135,85 @@ def load_dequantized_into_hf(model, oracle: dict[str, torch.Tensor]) -> None:
             else:
                 rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
                 experts.gate_up_proj[e, rows].copy_(w.float())
+
+
+def load_weights_into_hf(model, weights: dict[str, torch.Tensor]) -> None:
+    """Put float weights keyed by checkpoint name into transformers' model: its own names as they are, per-expert
+    names into its fused expert parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, w in weights.items():
+            if key in params:
+                params[key].copy_(w.float())
+    load_dequantized_into_hf(model, {k: w for k, w in weights.items() if k not in params})
+
+
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8 as DeepSeek-V3 / K2 Instruct store it, block by block: e4m3 weight [..., out, in] and one float32
+    factor per block, scale_inv [..., ceil(out/b0), ceil(in/b1)]; blocks at the bottom/right edge are partial."""
+    b0, b1 = block
+    rows, cols = -(-w.shape[-2] // b0), -(-w.shape[-1] // b1)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    scale_inv = torch.empty(*w.shape[:-2], rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            tile = w[..., i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1].float()
+            s = tile.abs().amax(dim=(-2, -1)).clamp_min(1e-12) / 448.0
+            scale_inv[..., i, j] = s
+            q[..., i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = (tile / s[..., None, None]).to(torch.float8_e4m3fn)
+    return q, scale_inv
+
+
+def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The float32 weight of fp8_quantize's output, block by block (an oracle independent of the loader's)."""
+    b0, b1 = block
+    w = torch.empty(q.shape)
+    for i in range(scale_inv.shape[-2]):
+        for j in range(scale_inv.shape[-1]):
+            tile = q[..., i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1].float()
+            w[..., i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = tile * scale_inv[..., i, j, None, None]
+    return w
+
+
+def _is_fp8_linear(key: str, w: torch.Tensor) -> bool:
+    # K2 Instruct keeps embeddings, norms, the router and lm_head in bf16; every other linear is FP8.
+    if key.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")):
+        return False
+    return (key.endswith(".weight") and w.dim() == 2) or key.endswith(("experts.gate_up_proj", "experts.down_proj"))
+
+
+def quantize_fp8(path: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Store the linear weights of a saved checkpoint as block FP8 (`weight` e4m3 + `weight_scale_inv`; fused experts
+    get `gate_up_proj_scale_inv` / `down_proj_scale_inv`) and declare it in config.json.
+
+    Returns the dequantized weights (the oracle), keyed by checkpoint name."""
+    oracle: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out = {}
+        for key, w in load_file(file).items():
+            if _is_fp8_linear(key, w):
+                q, scale_inv = fp8_quantize(w, block)
+                out[key], out[f"{key}_scale_inv"] = q, scale_inv
+                oracle[key] = fp8_dequantize(q, scale_inv, block)
+            else:
+                out[key] = w
+        save_file(out, file, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] |= {f"{k}_scale_inv": f for k, f in data["weight_map"].items() if k in oracle}
+        index.write_text(json.dumps(data, indent=2))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block),
+                                  "activation_scheme": "dynamic"}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return oracle
+
+
+def max_logit_diff(hf, model) -> float:
+    """max |Δlogit| between transformers' model and ours (a K2ForCausalLM) on a fixed batch of random ids."""
+    ids = torch.randint(0, hf.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert expected.abs().mean() > 0.1, "logits too small for a meaningful comparison"
+    return (model.score(ids).float() - expected).abs().max().item()
