@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import fsspec
 import torch
+from fsspec import AbstractFileSystem
 from safetensors import safe_open
 
 from k2batch.model.config import ModelConfig
 from k2batch.model.model import K2ForCausalLM
+from k2batch.storage import filesystem
 from kernels.int4_moe import unpack_int4
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,17 @@ _DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
 }  # fmt: skip
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+# transformers 5 holds each layer's experts stacked (gate||up [E, 2I, H], down [E, H, I]) and writes them so
+# with save_pretrained(save_original_format=False); FP8 scales then sit beside them as `..._scale_inv`.
 _FUSED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"layers\.(\d+)\.")
-_COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+_COMPANIONS = ("weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")  # read with their weight
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+# Remote reads: a tensor of _WINDOW bytes or more is one ranged read; smaller ones come out of the last
+# _WINDOWS windows read, since a K2 file holds thousands of small tensors (a request each would take hours on S3)
+# and the weights of a layer and their scales lie in different parts of the file.
+_WINDOW = 8 << 20
+_WINDOWS = 4
 
 
 class CheckpointError(ValueError):
@@ -43,6 +53,8 @@ class TensorInfo:
     file: str
     dtype: str
     shape: tuple[int, ...]
+    start: int  # byte range of the data within the file
+    end: int
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -55,8 +67,8 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return names[dtype]
 
 
-def read_config(path: str) -> ModelConfig:
-    fs, root = fsspec.core.url_to_fs(path)
+def read_config(path: str, storage_options: Mapping[str, Any] | None = None) -> ModelConfig:
+    fs, root = filesystem(str(path), storage_options)
     config_path = f"{root.rstrip('/')}/config.json"
     if not fs.exists(config_path):
         raise CheckpointError(f"{path}: no config.json")
@@ -64,70 +76,129 @@ def read_config(path: str) -> ModelConfig:
         return ModelConfig.from_dict(json.load(f))
 
 
-@contextmanager
-def local_checkpoint(path: str) -> Iterator[Path]:
-    """The checkpoint as a local directory: itself if local, else its files copied to a temporary directory
-    (safetensors memory-maps local files, so tensors stream from disk instead of being held twice)."""
-    fs, root = fsspec.core.url_to_fs(path)
-    if "file" in fs.protocol or "local" in fs.protocol:
-        yield Path(root)
-        return
-    with tempfile.TemporaryDirectory(prefix="k2batch-ckpt-") as tmp:
-        for remote in fs.ls(root, detail=False):
-            name = remote.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith((".safetensors", ".json")):
-                fs.get(remote, f"{tmp}/{name}")
-        yield Path(tmp)
-
-
-def scan_tensors(root: Path) -> dict[str, TensorInfo]:
-    """Every tensor's file, dtype and shape, from the safetensors headers alone."""
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+def scan_tensors(fs: AbstractFileSystem, root: str) -> dict[str, TensorInfo]:
+    """Every tensor's file, dtype, shape and byte range, from the safetensors headers alone."""
+    index = f"{root}/model.safetensors.index.json"
+    if fs.exists(index):
+        with fs.open(index, "rb") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
     else:
-        files = sorted(p.name for p in root.glob("*.safetensors"))
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        files = sorted(n for n in names if n.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{root}: no *.safetensors files")
     tensors: dict[str, TensorInfo] = {}
     for name in files:
-        with open(root / name, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+        head = fs.cat_file(f"{root}/{name}", start=0, end=8)  # little-endian u64 length, then the JSON header
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < size <= _MAX_HEADER:
+            raise CheckpointError(f"{root}/{name}: not a safetensors file")
+        header = json.loads(fs.cat_file(f"{root}/{name}", start=8, end=8 + size))
         for key, meta in header.items():
             if key != "__metadata__":
-                tensors[key] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]))
+                begin, end = meta["data_offsets"]
+                tensors[key] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), 8 + size + begin, 8 + size + end)
     return tensors
+
+
+class _LocalTensors:
+    """Tensors of local safetensors files, memory-mapped by safetensors: each is read when it is asked for."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self._files = ExitStack()
+        self._handles: dict[str, Any] = {}
+
+    def get(self, key: str, info: TensorInfo) -> torch.Tensor:
+        if info.file not in self._handles:
+            self._handles[info.file] = self._files.enter_context(safe_open(self.root / info.file, "pt"))
+        return self._handles[info.file].get_tensor(key)
+
+    def close(self) -> None:
+        self._files.close()
+
+
+class _RemoteTensors:
+    """Tensors of safetensors files behind fsspec, each built from its byte range as it is asked for: nothing is
+    copied to local disk, and memory holds one tensor (plus a few small-read windows) beyond the model."""
+
+    def __init__(self, fs: AbstractFileSystem, root: str):
+        self.fs, self.root = fs, root
+        self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    def get(self, key: str, info: TensorInfo) -> torch.Tensor:
+        if info.dtype not in _DTYPES:
+            raise CheckpointError(f"{key}: dtype {info.dtype} is not supported")
+        data = self._read(info.file, info.start, info.end)
+        if len(data) != info.end - info.start:
+            raise CheckpointError(f"{key}: {info.file} ends after {len(data)} of its {info.end - info.start} bytes")
+        if not data:
+            return torch.empty(info.shape, dtype=_DTYPES[info.dtype])
+        with warnings.catch_warnings():
+            # The bytes are read-only; the loader only ever copies out of them, so no writable copy is needed.
+            warnings.filterwarnings("ignore", "The given buffer is not writable")
+            return torch.frombuffer(data, dtype=_DTYPES[info.dtype]).reshape(info.shape)
+
+    def _read(self, file: str, start: int, end: int) -> bytes | memoryview:
+        path = f"{self.root}/{file}"
+        if end - start >= _WINDOW:
+            return self.fs.cat_file(path, start=start, end=end)
+        for (w_file, w_start), window in self._windows.items():
+            if w_file == file and w_start <= start and end <= w_start + len(window):
+                self._windows.move_to_end((w_file, w_start))
+                return memoryview(window)[start - w_start : end - w_start]
+        window = self.fs.cat_file(path, start=start, end=start + _WINDOW)
+        self._windows[(file, start)] = window
+        if len(self._windows) > _WINDOWS:
+            self._windows.popitem(last=False)
+        return memoryview(window)[: end - start]
+
+    def close(self) -> None:
+        self._windows.clear()
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool({"file", "local"} & set(protocols))
 
 
 def _strip(key: str) -> str:
     return key[len("model.") :] if key.startswith("model.") else key
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> K2ForCausalLM:
-    """Build K2ForCausalLM from a checkpoint directory or fsspec URI.
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+) -> K2ForCausalLM:
+    """Build K2ForCausalLM from a checkpoint directory or fsspec URI (`storage_options` go to object stores).
 
     Routed experts stored as compressed-tensors INT4 stay packed; block-FP8 weights are dequantized on load; every
     other weight is cast to `dtype`. Errors name the tensor and what was expected.
     """
-    path = str(path)
+    config = read_config(str(path), storage_options)
     dtype = parse_dtype(dtype)
-    config = read_config(path)
-    with local_checkpoint(path) as root:
-        tensors = scan_tensors(root)
-        int4_scale_dtype = _int4_expert_scale_dtype(tensors, config)
-        with torch.device("meta"):
-            model = K2ForCausalLM(config, int4_scale_dtype)
-            for p in model.parameters():  # buffers keep their own dtypes (fp32 router bias, INT4 words/scales)
-                p.data = p.data.to(dtype)
-        model.to_empty(device=device)
-        _fill(model, config, root, tensors, dtype)
+    fs, root = filesystem(str(path), storage_options)
+    root = root.rstrip("/")
+    tensors = scan_tensors(fs, root)
+    int4_scale_dtype = _int4_expert_scale_dtype(tensors, config)
+    with torch.device("meta"):
+        model = K2ForCausalLM(config, int4_scale_dtype)
+        for p in model.parameters():  # buffers keep their own dtypes (fp32 router bias, INT4 words/scales)
+            p.data = p.data.to(dtype)
+    model.to_empty(device=device)
+    reader = _LocalTensors(root) if _is_local(fs) else _RemoteTensors(fs, root)
+    try:
+        _fill(model, config, _Filler(model, reader, tensors, config))
+    finally:
+        reader.close()
     model.eval().requires_grad_(False)
     return model
 
 
 def _int4_expert_scale_dtype(tensors: dict[str, TensorInfo], config: ModelConfig) -> torch.dtype | None:
-    packed = [k for k in tensors if _EXPERT.search(k.removesuffix(".weight_packed")) and k.endswith(".weight_packed")]
+    packed = [k for k in tensors if k.endswith(".weight_packed") and _EXPERT.search(k.removesuffix(".weight_packed"))]
     if not packed:
         return None
     if config.quantization is None or config.quantization.method != "int4":
@@ -138,36 +209,55 @@ def _int4_expert_scale_dtype(tensors: dict[str, TensorInfo], config: ModelConfig
     return _DTYPES[tensors[scale_key].dtype]
 
 
+def dequantize_fp8_block(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], scale_key: str
+) -> torch.Tensor:
+    """Float32 weight of an e4m3 `w` [..., out, in] stored in `block` tiles, each with its factor in `scale_inv`
+    [..., ceil(out/b0), ceil(in/b1)]; edge tiles are partial (K2's kv_a_proj_with_mqa has 576 rows in [128, 128])."""
+    *lead, out, inp = w.shape
+    b0, b1 = block
+    expected = (*lead, -(-out // b0), -(-inp // b1))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(
+            f"{scale_key}: shape {tuple(scale_inv.shape)}, expected {expected} for a {tuple(w.shape)} weight "
+            f"in the [{b0}, {b1}] blocks of config.json's weight_block_size"
+        )
+    scale = scale_inv.float().repeat_interleave(b0, -2)[..., :out, :].repeat_interleave(b1, -1)[..., :inp]
+    return w.float() * scale
+
+
 class _Filler:
     """Copies checkpoint tensors into the model's (possibly stacked) parameters and tracks what was filled."""
 
-    def __init__(self, model: K2ForCausalLM, root: Path, tensors: dict[str, TensorInfo], dtype: torch.dtype):
+    def __init__(self, model: K2ForCausalLM, reader: _LocalTensors | _RemoteTensors, tensors: dict[str, TensorInfo],
+                 config: ModelConfig):  # fmt: skip
         self.targets = dict(model.named_parameters()) | dict(model.named_buffers())
-        self.root, self.tensors, self.dtype = root, tensors, dtype
-        self.filled: set[tuple[str, int, int]] = set()  # (target, expert or -1, row offset)
-        self._files = ExitStack()
-        self._handles: dict[str, object] = {}
+        self.reader, self.tensors = reader, tensors
+        quant = config.quantization
+        self.fp8_block = quant.block_size if quant is not None and quant.method == "fp8_block" else None
+        self.filled: set[tuple[str, int, int]] = set()  # (target, expert or -1, row offset); (target, -1, 0): all of it
 
     def get(self, key: str) -> torch.Tensor:
         info = self.tensors.get(key)
         if info is None:
             raise CheckpointError(f"missing tensor {key}")
-        if info.file not in self._handles:
-            self._handles[info.file] = self._files.enter_context(safe_open(self.root / info.file, "pt"))
-        return self._handles[info.file].get_tensor(key)
+        return self.reader.get(key, info)
 
-    def dense_weight(self, key_prefix: str) -> torch.Tensor:
-        """The float weight of a linear `key_prefix`, dequantizing INT4 or block-FP8 storage."""
-        if f"{key_prefix}.weight_packed" in self.tensors:
-            w = unpack_int4(self.get(f"{key_prefix}.weight_packed"), self.get(f"{key_prefix}.weight_scale"), torch.float32)
-            self._check_shape(f"{key_prefix}.weight_shape", w.shape)
+    def float_weight(self, key: str) -> torch.Tensor:
+        """The float weight stored under `key`, dequantizing INT4 (`*.weight_packed`) or block-FP8 storage."""
+        if key.endswith(".weight_packed"):
+            base = key.removesuffix("_packed")
+            w = unpack_int4(self.get(key), self.get(f"{base}_scale"), torch.float32)
+            self.check_shape(f"{base}_shape", w.shape)
             return w
-        w = self.get(f"{key_prefix}.weight")
-        if w.dtype == torch.float8_e4m3fn:
-            return _dequantize_fp8_block(w, self.get(f"{key_prefix}.weight_scale_inv"), key_prefix)
-        return w
+        w = self.get(key)
+        if w.dtype != torch.float8_e4m3fn:
+            return w
+        if self.fp8_block is None:
+            raise CheckpointError(f"{key} is FP8 but config.json has no fp8 quantization_config (weight_block_size)")
+        return dequantize_fp8_block(w, self.get(f"{key}_scale_inv"), self.fp8_block, f"{key}_scale_inv")
 
-    def _check_shape(self, shape_key: str, shape: torch.Size) -> None:
+    def check_shape(self, shape_key: str, shape: torch.Size) -> None:
         if shape_key in self.tensors:
             stored = tuple(int(x) for x in self.get(shape_key).tolist())
             if stored != tuple(shape):
@@ -185,63 +275,46 @@ class _Filler:
         dst.copy_(src.to(dst.dtype))
         self.filled.add((target, expert, row))
 
-    def close(self) -> None:
-        self._files.close()
 
-
-def _dequantize_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, name: str) -> torch.Tensor:
-    out, inp = w.shape
-    bo, bi = -(-out // scale_inv.shape[0]), -(-inp // scale_inv.shape[1])
-    if scale_inv.shape != (-(-out // bo), -(-inp // bi)):
-        raise CheckpointError(f"{name}.weight_scale_inv: shape {tuple(scale_inv.shape)} does not tile {tuple(w.shape)}")
-    scale = scale_inv.float().repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
-    return w.float() * scale
-
-
-def _fill(model: K2ForCausalLM, config: ModelConfig, root: Path, tensors: dict[str, TensorInfo], dtype: torch.dtype) -> None:
-    filler = _Filler(model, root, tensors, dtype)
-    inter = config.moe_intermediate_size
+def _fill(model: K2ForCausalLM, config: ModelConfig, filler: _Filler) -> None:
+    tensors, inter = filler.tensors, config.moe_intermediate_size
     unexpected: list[str] = []
-    try:
-        with torch.no_grad():
-            for key in sorted(tensors, key=lambda k: (tensors[k].file, k)):
-                name = _strip(key)
-                if name.endswith("rotary_emb.inv_freq") or name.rsplit(".", 1)[-1] in _COMPANIONS:
-                    continue
-                layer = _LAYER.match(name)
-                if layer and int(layer.group(1)) >= config.num_hidden_layers:
-                    continue  # multi-token-prediction layers: not used for generation
-                prefix, _, leaf = name.rpartition(".")
-                expert = _EXPERT.search(prefix)
-                if expert and leaf in ("weight", "weight_packed"):
-                    i, e, proj = int(expert.group(1)), int(expert.group(2)), expert.group(3)
-                    stack, row = ("w2", 0) if proj == "down_proj" else ("w13", inter if proj == "up_proj" else 0)
-                    base = f"layers.{i}.mlp.experts"
-                    if model.layers[i].mlp.experts.quantized:
-                        if leaf != "weight_packed":
-                            raise CheckpointError(f"{key}: expected INT4-packed experts like the other experts of the model")
-                        packed, scale = filler.get(key), filler.get(key.replace("weight_packed", "weight_scale"))
-                        filler._check_shape(key.replace("weight_packed", "weight_shape"), torch.Size((packed.shape[0], packed.shape[1] * 8)))
-                        filler.copy(f"{base}.{stack}_packed", packed, key, e, row)
-                        filler.copy(f"{base}.{stack}_scale", scale, key.replace("weight_packed", "weight_scale"), e, row)
-                    else:
-                        filler.copy(f"{base}.{stack}", filler.dense_weight(key.rpartition(".")[0]), key, e, row)
-                    continue
-                fused = _FUSED_EXPERTS.search(name)
-                if fused:
-                    stack = "w13" if fused.group(2) == "gate_up_proj" else "w2"
-                    src = filler.get(key)
-                    for e in range(src.shape[0]):
-                        filler.copy(f"layers.{fused.group(1)}.mlp.experts.{stack}", src[e], key, e, 0)
-                    continue
-                if leaf in ("weight", "weight_packed") and f"{prefix}.weight" in filler.targets:
-                    filler.copy(f"{prefix}.weight", filler.dense_weight(key.rpartition(".")[0]), key)
-                elif name in filler.targets:
-                    filler.copy(name, filler.get(key), key)
+    with torch.no_grad():
+        # In file order, so remote reads move forward through each file.
+        for key in sorted(tensors, key=lambda k: (tensors[k].file, tensors[k].start)):
+            name = _strip(key)
+            prefix, _, leaf = name.rpartition(".")
+            if leaf in _COMPANIONS or leaf.endswith("_scale_inv") or name.endswith("rotary_emb.inv_freq"):
+                continue  # companions are read with their weight; rope frequencies come from config.json
+            layer = _LAYER.match(name)
+            if layer and int(layer.group(1)) >= config.num_hidden_layers:
+                continue  # multi-token-prediction layers: not used for generation
+            expert = _EXPERT.search(prefix)
+            fused = _FUSED_EXPERTS.search(name)
+            if expert and leaf in ("weight", "weight_packed"):
+                i, e, proj = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+                stack, row = ("w2", 0) if proj == "down_proj" else ("w13", inter if proj == "up_proj" else 0)
+                base = f"layers.{i}.mlp.experts"
+                if model.layers[i].mlp.experts.quantized:
+                    if leaf != "weight_packed":
+                        raise CheckpointError(f"{key}: expected INT4-packed experts like the model's other experts")
+                    scale_key = key.replace("weight_packed", "weight_scale")
+                    packed, scale = filler.get(key), filler.get(scale_key)
+                    unpacked = torch.Size((packed.shape[0], packed.shape[1] * 8))
+                    filler.check_shape(key.replace("weight_packed", "weight_shape"), unpacked)
+                    filler.copy(f"{base}.{stack}_packed", packed, key, e, row)
+                    filler.copy(f"{base}.{stack}_scale", scale, scale_key, e, row)
                 else:
-                    unexpected.append(key)
-    finally:
-        filler.close()
+                    filler.copy(f"{base}.{stack}", filler.float_weight(key), key, e, row)
+            elif fused:
+                stack = "w13" if fused.group(2) == "gate_up_proj" else "w2"
+                filler.copy(f"layers.{fused.group(1)}.mlp.experts.{stack}", filler.float_weight(key), key)
+            elif leaf in ("weight", "weight_packed") and f"{prefix}.weight" in filler.targets:
+                filler.copy(f"{prefix}.weight", filler.float_weight(key), key)
+            elif name in filler.targets:
+                filler.copy(name, filler.get(key), key)
+            else:
+                unexpected.append(key)
 
     if config.tie_word_embeddings and ("lm_head.weight", -1, 0) not in filler.filled:
         model.lm_head.weight = model.embed_tokens.weight
@@ -258,10 +331,11 @@ def _missing(model: K2ForCausalLM, config: ModelConfig, filled: set[tuple[str, i
     missing = []
     inter = config.moe_intermediate_size
     for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        if (name, -1, 0) in filled:
+            continue
         m = re.match(r"layers\.(\d+)\.mlp\.experts\.(w13|w2)(_packed|_scale)?$", name)
         if not m:
-            if (name, -1, 0) not in filled:
-                missing.append(f"model.{name}" if not name.startswith("lm_head") else name)
+            missing.append(f"model.{name}" if not name.startswith("lm_head") else name)
             continue
         layer, stack = m.group(1), m.group(2)
         parts = [("down_proj", 0)] if stack == "w2" else [("gate_proj", 0), ("up_proj", inter)]
