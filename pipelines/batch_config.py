@@ -9,10 +9,10 @@ import dagster as dg
 import msgspec
 from pydantic import Field
 
-from k2batch.config import BatchConfig, ConfigError, load_config
-from pipelines.settings import load_settings
+from k2batch.config import BatchConfig, ConfigError
+from pipelines.settings import base_batch_config
 
-BASE = load_config(load_settings().batch_config or None)
+BASE = base_batch_config()
 
 
 class EngineRunConfig(dg.Config):

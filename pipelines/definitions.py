@@ -9,11 +9,10 @@ import dagster as dg
 import yaml
 
 from pipelines.assets import batch_job, batch_report, shard_plan, shard_results
-from pipelines.batch_config import BASE
 from pipelines.resources import EngineResource, StorageIOManager, StorageResource
 from pipelines.schedules import nightly_batches
 from pipelines.sensors import batch_inputs
-from pipelines.settings import EXECUTORS, Executor, load_settings
+from pipelines.settings import EXECUTORS, Executor, base_batch_config, current_settings
 
 K8S_EXECUTOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster-k8s" / "executor.yaml"
 
@@ -37,14 +36,14 @@ def default_storage(root: str) -> StorageResource:
         for field, variable in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN"))
         if os.environ.get(variable)
     }  # fmt: skip
-    return StorageResource(root=root, options=dict(BASE.storage.options), **secrets)
+    return StorageResource(root=root, options=dict(base_batch_config().storage.options), **secrets)
 
 
 def build_definitions(
     storage: StorageResource | None = None, engine: EngineResource | None = None, executor: Executor | None = None
 ) -> dg.Definitions:
     """The definitions over `storage` and `engine` (tests pass their own); defaults from configs/dagster.toml."""
-    settings = load_settings()
+    settings = current_settings()
     storage = storage or default_storage(settings.root)
     return dg.Definitions(
         assets=[shard_plan, shard_results, batch_report],

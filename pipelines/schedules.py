@@ -4,10 +4,11 @@ import dagster as dg
 
 from k2batch.shards import summary_uri
 from k2batch.storage import exists
-from pipelines.assets import SETTINGS, batch_job, batches
+from pipelines.assets import batch_job, batches
 from pipelines.batches import list_batches, outputs_uri
 from pipelines.resources import StorageResource
 from pipelines.sensors import run_request
+from pipelines.settings import current_settings
 
 NOT_FINISHED = [
     dg.DagsterRunStatus.QUEUED,
@@ -27,8 +28,8 @@ def in_flight(instance: dg.DagsterInstance, batch: str) -> bool:
 
 @dg.schedule(
     job=batch_job,
-    cron_schedule=SETTINGS.nightly.cron,
-    execution_timezone=SETTINGS.nightly.timezone,
+    cron_schedule=current_settings().nightly.cron,
+    execution_timezone=current_settings().nightly.timezone,
     default_status=dg.DefaultScheduleStatus.RUNNING,
 )
 def nightly_batches(context: dg.ScheduleEvaluationContext, storage: StorageResource):

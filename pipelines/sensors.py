@@ -4,9 +4,10 @@ import dagster as dg
 import msgspec
 
 from k2batch.storage import FileInfo, list_files
-from pipelines.assets import SETTINGS, batch_job, batches
+from pipelines.assets import batch_job, batches
 from pipelines.batches import BatchInput, batch_of, inputs_uri, list_batches
 from pipelines.resources import StorageResource
+from pipelines.settings import current_settings
 
 RUN_KEY_TAG = "dagster/run_key"  # the sensor daemon tags each run it launches with its request's run key
 
@@ -52,7 +53,7 @@ def ran_before(instance: dg.DagsterInstance, request: dg.RunRequest) -> bool:
 
 @dg.sensor(
     job=batch_job,
-    minimum_interval_seconds=SETTINGS.sensor.minimum_interval_s,
+    minimum_interval_seconds=current_settings().sensor.minimum_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def batch_inputs(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
@@ -60,7 +61,7 @@ def batch_inputs(context: dg.SensorEvaluationContext, storage: StorageResource) 
     options = storage.fsspec_options()
     inputs = inputs_uri(storage.root)
     files = list_files(inputs, options)
-    changed, cursor = InputsCursor.decode(context.cursor).advance(files, SETTINGS.sensor.lookback_s)
+    changed, cursor = InputsCursor.decode(context.cursor).advance(files, current_settings().sensor.lookback_s)
     listing = list_batches(storage.root, options, files=files)
     touched = sorted({owner[0] for file in changed if (owner := batch_of(inputs, file)) is not None})
     ready = [listing.batches[name] for name in touched if name in listing.batches]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
-from k2batch.config import ConfigError
+from k2batch.config import BatchConfig, ConfigError, load_config
 
 DAGSTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster.toml"
 Executor = Literal["in_process", "multiprocess", "k8s"]
@@ -71,3 +72,16 @@ def load_settings(path: str | os.PathLike[str] = DAGSTER_CONFIG) -> PipelineSett
         return msgspec.convert(data, PipelineSettings)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path} (with K2BATCH_* overrides): {exc}") from None
+
+
+@functools.cache
+def current_settings() -> PipelineSettings:
+    """This process's settings, read once for every module of pipelines/ (an op's retry policy, the sensor's
+    interval and the schedule's cron are fixed when they are defined, so these are read on import)."""
+    return load_settings()
+
+
+@functools.cache
+def base_batch_config() -> BatchConfig:
+    """configs/default.toml overlaid by the settings' batch_config: the launchpad's defaults."""
+    return load_config(current_settings().batch_config or None)
