@@ -31,9 +31,8 @@ from pipelines import report
 from pipelines.batch_config import BatchRunConfig
 from pipelines.batches import inputs_uri, list_batches, outputs_uri
 from pipelines.resources import EngineResource, StorageResource
-from pipelines.settings import load_settings
+from pipelines.settings import current_settings
 
-SETTINGS = load_settings()
 GROUP = "batch"
 ROWS_CHECK = "rows_in_equals_rows_out"
 ERROR_RATE_CHECK = "error_rate_below_threshold"
@@ -51,8 +50,6 @@ class BatchPlan(msgspec.Struct, frozen=True, kw_only=True):
     config: BatchConfig
     """The run's config; its storage options carry no secrets (steps add the storage resource's)."""
     plan: ShardPlan
-    invalid: tuple[Result, ...]
-    """Rows that will become status "invalid" results (prompt length is checked later, with the tokenizer)."""
 
 
 class ShardTask(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,11 +60,25 @@ class ShardTask(msgspec.Struct, frozen=True, kw_only=True):
     shard: Shard
 
 
+class ShardOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """One shard step's output: the shard's manifest, and what its engine did for it (None: skipped)."""
+
+    manifest: ShardManifest
+    engine: dict[str, float] | None
+
+
+def engine_work(outcomes: list[ShardOutcome]) -> dict[str, float] | None:
+    """EngineStats summed over the shards this run ran: their steps may have had one engine each."""
+    ran = [outcome.engine for outcome in outcomes if outcome.engine is not None]
+    return {name: sum(work[name] for work in ran) for name in ran[0]} if ran else None
+
+
 def with_storage(config: BatchConfig, storage: StorageResource) -> BatchConfig:
     return msgspec.structs.replace(config, storage=StorageConfig(options=storage.fsspec_options()))
 
 
 def invalid_rows(plan: ShardPlan, config: BatchConfig, options: StorageOptions) -> list[Result]:
+    """Rows that will become status "invalid" results (prompt length is checked later, with the tokenizer)."""
     invalid = []
     for shard in plan.shards:
         _, rejected = validate_jobs(
@@ -105,7 +116,6 @@ def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storag
         output_uri=outputs_uri(storage.root, batch),
         config=stored,
         plan=plan,
-        invalid=tuple(invalid),
     )
     by_error = Counter(result.error_type for result in invalid)
     shown = [
@@ -148,8 +158,8 @@ def split_shards(shard_plan: BatchPlan) -> Iterator[dg.DynamicOutput]:
     name="run_shard",
     pool="gpu",
     retry_policy=dg.RetryPolicy(
-        max_retries=SETTINGS.shards.max_retries,
-        delay=SETTINGS.shards.retry_delay_s,
+        max_retries=current_settings().shards.max_retries,
+        delay=current_settings().shards.retry_delay_s,
         backoff=dg.Backoff.EXPONENTIAL,
     ),
 )
@@ -162,15 +172,21 @@ def run_shard_step(
     options, shard = config.storage.options, task.shard
     alone = ShardPlan(shards=(shard,), files=(), empty_files=(), rows_per_shard=shard.num_rows, num_rows=shard.num_rows)
     skipped = bool(completed_shards(task.output_uri, alone, config_hash(config), options))
+    work = None
     if skipped:
         context.log.info(f"shard {shard.index} is complete under {task.output_uri}; skipping it")
         manifest = read_json(manifest_uri(task.output_uri, shard.index), options, type=ShardManifest)
     else:
-        manifest = run_shard(
-            engine.load(config.model, config.engine), shard, task.output_uri, config, attempt=context.retry_number + 1
-        )
+        loaded = engine.load(config.model, config.engine)
+        before = msgspec.to_builtins(loaded.stats)
+        try:
+            manifest = run_shard(loaded, shard, task.output_uri, config, attempt=context.retry_number + 1)
+        except Exception:
+            engine.discard()  # requests of the failed attempt may still be queued in it (or its device is lost)
+            raise
+        work = {name: value - before[name] for name, value in msgspec.to_builtins(loaded.stats).items()}
     return dg.Output(
-        manifest,
+        ShardOutcome(manifest=manifest, engine=work),
         metadata={
             "shard": shard.index,
             "rows": manifest.rows_out,
@@ -183,8 +199,8 @@ def run_shard_step(
 
 
 @dg.op
-def gather_shards(manifests: list[ShardManifest]) -> list[ShardManifest]:
-    return sorted(manifests, key=lambda manifest: manifest.shard)
+def gather_shards(outcomes: list[ShardOutcome]) -> list[ShardOutcome]:
+    return sorted(outcomes, key=lambda outcome: outcome.manifest.shard)
 
 
 @dg.graph_asset(partitions_def=batches, group_name=GROUP, kinds={"parquet"})
@@ -196,10 +212,12 @@ def shard_results(shard_plan):
 
 class ReportRunConfig(dg.Config):
     max_error_rate: float = Field(
-        SETTINGS.checks.max_error_rate, description="The error-rate check fails above this fraction of rows."
+        current_settings().checks.max_error_rate,
+        description="The error-rate check fails above this fraction of rows.",
     )
     error_statuses: list[str] = Field(
-        list(SETTINGS.checks.error_statuses), description="Result statuses that count as errors."
+        list(current_settings().checks.error_statuses),
+        description="Result statuses that count as errors.",
     )
 
 
@@ -218,21 +236,23 @@ def batch_report(
     context: dg.AssetExecutionContext,
     config: ReportRunConfig,
     shard_plan: BatchPlan,
-    shard_results: list[ShardManifest],
+    shard_results: list[ShardOutcome],
     storage: StorageResource,
 ) -> dg.MaterializeResult:
     """Batch totals: rows per status, tokens, cache hit rate, throughput and API-equivalent cost, with charts of
     steps per episode and tokens per task; writes outputs/{batch}/summary.json (as `k2batch run` does)."""
     batch_config = with_storage(shard_plan.config, storage)
     options, output = batch_config.storage.options, shard_plan.output_uri
-    finished = [m.finished_at for m in shard_results if m.finished_at is not None]
+    manifests = [outcome.manifest for outcome in shard_results]
+    finished = [m.finished_at for m in manifests if m.finished_at is not None]
     summary = {
         **summarize(output, options),
         "shards": len(shard_plan.plan.shards),
         "model": batch_config.model,
         "config_hash": config_hash(batch_config),
-        "run_s": max(finished) - min(m.started_at for m in shard_results) if finished else 0.0,
-        "engine": None,  # shard steps may run on different machines, each with its own engine
+        # Wall time, from the first shard's start to the last one's end (shards may run side by side).
+        "run_s": max(finished) - min(m.started_at for m in manifests) if finished else 0.0,
+        "engine": engine_work(shard_results),
     }
     write_json_atomic(summary_uri(output), summary, options)
     results = report.scan_results(output, options)

@@ -97,20 +97,29 @@ def tasks_markdown(tasks: pl.DataFrame) -> str:
     return markdown_table(columns, tasks.select(columns).rows())
 
 
+def per_second(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
 def totals(summary: dict[str, Any], tasks: pl.DataFrame) -> dict[str, float]:
-    """Headline numbers of a batch summary (k2batch.agent.batch.summarize) and its task table."""
+    """Headline numbers of a batch summary and its task table. Throughput twice: over the batch's wall time
+    (run_s, first shard start to last shard end) and per second of one shard's engine (shard_run_s, the
+    shards' run times summed), which differ when shards run side by side."""
     prompt = summary["prompt_tokens"] or 0
-    run_s = summary.get("shard_run_s") or 0.0
+    completion = summary["completion_tokens"] or 0
+    run_s, shard_run_s = summary.get("run_s") or 0.0, summary.get("shard_run_s") or 0.0
     return {
         "rows": summary["rows"],
         "steps": summary["steps"] or 0,
         "tool_calls": summary["tool_calls"] or 0,
         "prompt_tokens": prompt,
         "cached_prompt_tokens": summary["cached_prompt_tokens"] or 0,
-        "completion_tokens": summary["completion_tokens"] or 0,
+        "completion_tokens": completion,
         "reasoning_tokens": summary["reasoning_tokens"] or 0,
         "cache_hit_rate": (summary["cached_prompt_tokens"] or 0) / max(prompt, 1),
-        "output_tokens_per_s": (summary["completion_tokens"] or 0) / run_s if run_s > 0 else 0.0,
-        "shard_run_s": run_s,
+        "output_tokens_per_s": per_second(completion, run_s),
+        "output_tokens_per_shard_s": per_second(completion, shard_run_s),
+        "run_s": run_s,
+        "shard_run_s": shard_run_s,
         "api_cost_usd": float(tasks["cost_usd"].sum()),
     }

@@ -101,6 +101,10 @@ class EngineResource(dg.ConfigurableResource):
     def build(self, model: str, config: EngineConfig) -> Engine:
         return Engine.from_pretrained(model, config)
 
+    def discard(self) -> None:
+        """Drop the loaded engine: after a failure mid-shard its state is unknown, so a retry loads afresh."""
+        self._engines.clear()
+
 
 class StorageIOManager(dg.ConfigurableIOManager):
     """Pickles step outputs under {root}/dagster/: assets by key and partition, op outputs by run and step.

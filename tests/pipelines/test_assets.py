@@ -9,6 +9,7 @@ from typing import ClassVar
 import dagster as dg
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from k2batch.engine import Engine, EngineConfig
@@ -19,15 +20,20 @@ from tests.pipelines.conftest import ScriptedEngine, batch_run_config, write_job
 ASSETS = [shard_plan, shard_results, batch_report]
 
 
-def materialize(root, model, instance, batch="b1", engine=None, **report):
+def materialize(root, model, instance, batch="b1", engine=None, selection=None, run_config=None, **report):
     storage = StorageResource(root=str(root))
     instance.add_dynamic_partitions(batches.name, [batch])
+    resources = {"storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StorageIOManager(storage=storage)}
+    run_config = run_config or batch_run_config(model, **report)
+    if selection is not None:
+        run_config = {"ops": {op: config for op, config in run_config["ops"].items() if op in selection}}
     return dg.materialize(
         ASSETS,
         partition_key=batch,
         instance=instance,
-        resources={"storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StorageIOManager(storage=storage)},
-        run_config=batch_run_config(model, **report),
+        resources=resources,
+        run_config=run_config,
+        selection=selection,
         raise_on_error=False,
     )
 
@@ -63,6 +69,7 @@ def test_whole_graph_writes_results_traces_and_summary(materialized):
     assert traces.filter(pl.col("operation") == "execute_tool").height > 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["rows"] == 5 and summary["shards"] == 2 and summary["rows_by_status"]["invalid"] == 3
+    assert summary["engine"]["decode_tokens"] > 0 and summary["engine"]["prefill_tokens"] > 0  # both shards' work
 
 
 def test_shard_plan_lists_invalid_rows_instead_of_failing(materialized):
@@ -86,7 +93,8 @@ def test_report_metadata_and_checks(materialized):
     assert report["rows"] == 5
     assert report["prompt_tokens"] > 0 and report["completion_tokens"] > 0
     assert 0 <= report["cache_hit_rate"] <= 1 and report["cached_prompt_tokens"] > 0  # steps reuse the prefix
-    assert report["output_tokens_per_s"] > 0 and report["api_cost_usd"] > 0
+    assert report["output_tokens_per_s"] > 0 and report["output_tokens_per_shard_s"] > 0 and report["api_cost_usd"] > 0
+    assert 0 < report["run_s"] and 0 < report["shard_run_s"]
     assert "| invalid | 3 |" in report["rows_by_status"]
     assert "█" in report["steps_per_episode"] and "█" in report["tokens_per_task"]
     assert "retrieval" in report["tasks"]
@@ -109,22 +117,38 @@ def test_rerun_skips_complete_shards_and_checks_error_threshold(materialized, ba
     assert all(e.event_specific_data.metadata["skipped"].value for e in outputs)
     evaluation = checks(result)[ERROR_RATE_CHECK]
     assert not evaluation.passed and evaluation.metadata["error_rate"].value == pytest.approx(0.6)
+    assert json.loads((root / "outputs" / "b1" / "summary.json").read_text())["engine"] is None  # nothing ran
+
+
+def test_rows_check_fails_when_a_result_row_is_missing(batch_model, tmp_path):
+    write_jobs(tmp_path / "inputs" / "b6.parquet")
+    with dg.instance_for_test() as instance:
+        assert materialize(tmp_path, batch_model, instance, batch="b6").success
+        shard = tmp_path / "outputs" / "b6" / "results" / "shard=00001" / "part-0.parquet"
+        pq.write_table(pq.read_table(shard).slice(0, 1), shard)  # one of its two result rows lost
+        result = materialize(tmp_path, batch_model, instance, batch="b6", selection=["batch_report"])
+    assert result.success  # a failed check flags the report, it does not fail the run
+    evaluation = checks(result)[ROWS_CHECK]
+    assert not evaluation.passed and evaluation.description == "5 input rows but 4 result rows"
+    assert (evaluation.metadata["rows_in"].value, evaluation.metadata["rows_out"].value) == (5, 4)
 
 
 class FlakyEngine(ScriptedEngine):
-    """Fails the first request of job j1 (shard 0), as a lost GPU would."""
+    """The first engine step of the run fails (shard 0), as a lost GPU would."""
+
+    failed: ClassVar[list[bool]] = []
 
     def build(self, model: str, config: EngineConfig) -> Engine:
         engine = super().build(model, config)
-        add_request, failed = engine.add_request, []
+        step = engine.step
 
-        def add(*args, **kwargs):
-            if not failed and str(kwargs.get("request_id", args[0] if args else "")).startswith("j1:"):
-                failed.append(True)
+        def flaky_step():
+            if not FlakyEngine.failed:
+                FlakyEngine.failed.append(True)
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return add_request(*args, **kwargs)
+            return step()
 
-        engine.add_request = add
+        engine.step = flaky_step
         return engine
 
 
@@ -139,6 +163,7 @@ def test_failed_shard_is_retried_alone(batch_model, tmp_path):
     assert starts.count("shard_results.run_shard[shard_00001]") == 1
     results = pl.read_parquet(f"{tmp_path}/outputs/b2/results/**/*.parquet", hive_partitioning=True).sort("shard")
     assert results["attempt"].to_list() == [2, 2, 2, 1, 1]
+    assert "error" not in results["status"].to_list()  # the retry ran on a fresh engine
 
 
 def test_unreadable_input_fails_the_plan_with_the_file_named(batch_model, tmp_path):
@@ -181,7 +206,13 @@ def test_readme_polars_snippet_reads_the_outputs(materialized, capsys):
     assert line in snippet
     exec(snippet.replace(line, f"root, batch = {str(root)!r}, 'b1'"), {})
     printed = capsys.readouterr().out
-    assert "retrieval" in printed and "calculator" in printed
+    # What the snippet prints is what the outputs hold, whichever model wrote them.
+    output = root / "outputs" / "b1"
+    tasks = pl.read_parquet(f"{output}/results/**/*.parquet", hive_partitioning=True)["task"].drop_nulls().unique()
+    traces = pl.read_parquet(f"{output}/traces/**/*.parquet").filter(pl.col("operation") == "execute_tool")
+    tools = traces["tool_name"].unique()
+    assert tasks.len() and tools.len()
+    assert all(task in printed for task in tasks) and all(tool in printed for tool in tools)
 
 
 class CountingEngine(ScriptedEngine):
