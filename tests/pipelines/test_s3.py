@@ -53,9 +53,8 @@ def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
         assert request.partition_key == "b1" and request.tags["k2batch/input"] == f"{s3_storage.root}/inputs/b1"
         # The fingerprint is the one built from S3's ETag of the file (read from the listing, no download).
         etag = fs.info(jobs_uri)["ETag"].strip('"')
-        from_etag = BatchInput(
-            name="b1", input_uri=f"{s3_storage.root}/inputs/b1", nightly=False, files=(FileInfo(jobs_uri, 0, 0.0, etag),)
-        )
+        listed = (FileInfo(jobs_uri, 0, 0.0, etag),)
+        from_etag = BatchInput(name="b1", input_uri=f"{s3_storage.root}/inputs/b1", nightly=False, files=listed)
         assert request.tags["k2batch/fingerprint"] == from_etag.fingerprint
         assert request.run_key == f"inputs:b1:{from_etag.fingerprint}"
         for partitions in tick.dynamic_partitions_requests:
