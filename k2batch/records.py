@@ -28,7 +28,8 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):
-    """One valid input row, parsed; budgets and sampling left None fall back to the config."""
+    """One valid input row, parsed; budgets and sampling left None fall back to the config. Its other columns
+    pass through to the result row by Arrow (records.results_table), keeping their types."""
 
     job_id: str
     task: str | None
@@ -43,8 +44,6 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None
     source_file: str
     source_row: int
-    passthrough: dict[str, Any] = {}
-    """The row's other columns, by name, as Python values (the result row copies them from Arrow)."""
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,9 +91,24 @@ class TraceSpan(msgspec.Struct, frozen=True, kw_only=True):
     input_tokens: int | None = None
     cached_input_tokens: int | None = None
     output_tokens: int | None = None
+    output_token_ids: list[int] | None = None
+    """The generated ids, so a replay compares tokens, not only text."""
     reasoning_content: str | None = None
     content: str | None = None
     finish_reason: str | None = None
+    request_temperature: float | None = None
+    request_top_p: float | None = None
+    request_top_k: int | None = None
+    request_seed: int | None = None
+    """This step's own seed (the episode's seed plus the step)."""
+    request_max_tokens: int | None = None
+    """Tokens this step could generate: what was left of the step, episode and context budgets."""
+    input_messages: str | None = None
+    """Step 0 only, JSON: the conversation the episode started from, system prompt included."""
+    tool_definitions: str | None = None
+    """Step 0 only, JSON: the tool declarations the model saw."""
+    episode_budgets: str | None = None
+    """Step 0 only, JSON: the episode's budgets (steps, tokens, context), which decide where it stops."""
     tool_call_id: str | None = None
     tool_name: str | None = None
     tool_arguments: str | None = None
@@ -112,6 +126,12 @@ _ARROW_TYPES: dict[type, pa.DataType] = {
 }
 
 
+def _arrow_type(kind: mi.Type) -> pa.DataType:
+    if isinstance(kind, mi.ListType) and isinstance(kind.item_type, mi.IntType):
+        return pa.list_(pa.int32())  # token ids: vocabularies stay far below 2**31
+    return _ARROW_TYPES[type(kind)]
+
+
 def _arrow_fields(struct: type[msgspec.Struct]) -> list[pa.Field]:
     """Arrow fields from a Struct's annotations: the Struct is the one list of columns."""
     info = mi.type_info(struct)
@@ -123,7 +143,7 @@ def _arrow_fields(struct: type[msgspec.Struct]) -> list[pa.Field]:
             others = [t for t in kind.types if not isinstance(t, mi.NoneType)]
             nullable = len(others) < len(kind.types)
             (kind,) = others
-        fields.append(pa.field(field.encode_name, _ARROW_TYPES[type(kind)], nullable=nullable))
+        fields.append(pa.field(field.encode_name, _arrow_type(kind), nullable=nullable))
     return fields
 
 
@@ -306,14 +326,11 @@ def _tools_column(table: pa.Table, problems: _Problems) -> list[list[str] | None
     return values
 
 
-def _passthrough_values(table: pa.Table, problems: _Problems) -> dict[str, list[Any]]:
-    values = {}
+def _check_passthrough_text(table: pa.Table, problems: _Problems) -> None:
+    """Invalid UTF-8 in a pass-through text column is a problem of its row, as in any other text column."""
     for name in _passthrough(table).column_names:
-        column = table.column(name)
-        if _is_text(column.type):
-            column = pa.chunked_array([_text_column(table, name, problems)], pa.large_string())
-        values[name] = column.to_pylist()
-    return values
+        if _is_text(table.column(name).type):
+            _text_column(table, name, problems)
 
 
 def _parse_messages(text: str) -> tuple[list[dict[str, Any]] | None, str | None]:
@@ -365,7 +382,7 @@ def validate_jobs(
     temperatures = _number_column(table, "temperature", problems, integer=False)
     top_ps = _number_column(table, "top_p", problems, integer=False)
     seeds = _number_column(table, "seed", problems, integer=True)
-    passthrough = _passthrough_values(table, problems)
+    _check_passthrough_text(table, problems)
     duplicate_of = _text_column(table, DUPLICATE_COLUMN, problems)
 
     first_seen: dict[str, str] = {}
@@ -455,7 +472,6 @@ def validate_jobs(
                 seed=seeds[row],
                 source_file=sources[row],
                 source_row=rows[row],
-                passthrough={name: values[row] for name, values in passthrough.items()},
             )
         )
     return jobs, invalid

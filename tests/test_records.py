@@ -60,7 +60,7 @@ def invalid_utf8_strings(values: list[bytes | None]) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers(), null_count=raw.null_count)
 
 
-def test_valid_rows_become_jobs_with_defaults_and_passthrough() -> None:
+def test_valid_rows_become_jobs_with_defaults() -> None:
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": None},
@@ -88,7 +88,7 @@ def test_valid_rows_become_jobs_with_defaults_and_passthrough() -> None:
     assert a == Job(
         job_id="a", task="retrieval", prompt="What is 2+2?", messages=None, system=None, tools=("search", "calculator"),
         max_steps=None, max_new_tokens=None, temperature=0.0, top_p=None, seed=None,
-        source_file=SOURCE, source_row=0, passthrough={"doc_id": 10},
+        source_file=SOURCE, source_row=0,
     )  # fmt: skip
     assert b.messages == messages and b.prompt is None and b.tools == ("python",)
     assert (b.max_steps, b.max_new_tokens, b.top_p, b.seed, b.system) == (5, 100, 1.0, 42, "Be brief.")
@@ -128,7 +128,7 @@ def test_the_first_occurrence_runs_even_when_an_earlier_shard_had_it() -> None:
         }
     )
     jobs, invalid = validate(table)
-    assert [(j.job_id, j.source_file, j.source_row, j.passthrough) for j in jobs] == [("a", "inputs/b.parquet", 40, {})]
+    assert [(j.job_id, j.source_file, j.source_row) for j in jobs] == [("a", "inputs/b.parquet", 40)]
     assert errors(invalid)[41] == (
         "duplicate_job_id",
         "inputs/b.parquet row 41 (job 'b'): job_id 'b' already used by inputs/a.parquet row 3; only that row runs",
@@ -269,7 +269,7 @@ def test_text_that_is_not_utf8() -> None:
         }
     )
     jobs, invalid = validate(table)
-    assert [(j.job_id, j.passthrough) for j in jobs] == [("a", {"notes": "ok"})]
+    assert [j.job_id for j in jobs] == ["a"]
     assert errors(invalid) == {
         1: ("invalid_utf8", "inputs/a.parquet row 1 (job 'b'): system is not valid UTF-8 text"),
         2: ("invalid_utf8", "inputs/a.parquet row 2 (job 'c'): notes is not valid UTF-8 text"),
@@ -376,11 +376,17 @@ def span(**fields: Any) -> TraceSpan:
 
 
 def test_trace_tables_have_one_schema() -> None:
-    chat = span(operation="chat", input_tokens=10, cached_input_tokens=0, output_tokens=5, finish_reason="tool_calls")
+    chat = span(
+        operation="chat", input_tokens=10, cached_input_tokens=0, output_tokens=5, finish_reason="tool_calls",
+        output_token_ids=[7, 163586, 3, 3, 9], request_temperature=1.0, request_seed=12, input_messages="[]",
+    )  # fmt: skip
     tool = span(operation="execute_tool", tool_name="search", tool_arguments='{"q": "x"}', tool_result="doc")
     spans = [chat, tool]
     table = traces_table(spans)
-    assert table.schema == traces_table([]).schema == TRACE_SCHEMA
+    assert table.schema == traces_table([]).schema == traces_table([tool]).schema == TRACE_SCHEMA
     assert table.column("operation").to_pylist() == ["chat", "execute_tool"]
     assert table.column("output_tokens").to_pylist() == [5, None]
+    assert table.column("output_token_ids").to_pylist() == [[7, 163586, 3, 3, 9], None]
+    assert TRACE_SCHEMA.field("output_token_ids").type == pa.list_(pa.int32())
+    assert table.column("request_seed").to_pylist() == [12, None]
     assert TRACE_SCHEMA.field("start_ns").type == pa.int64() and not TRACE_SCHEMA.field("job_id").nullable

@@ -117,10 +117,7 @@ def test_shard_rows_carry_their_source_and_the_batch_schema(inputs: str) -> None
 
     jobs, invalid = validate_jobs(second, known_tools=set(), default_tools=(), source="unused")
     a, b = storage.join(inputs, "a.parquet"), storage.join(inputs, "b.parquet")
-    assert [(j.job_id, j.source_row, j.passthrough) for j in jobs] == [
-        ("b3", 3, {"topic": "w"}),
-        ("b4", 4, {"topic": "v"}),
-    ]
+    assert [(j.job_id, j.source_row) for j in jobs] == [("b3", 3), ("b4", 4)]
     assert [r.error_message for r in invalid] == [
         f"{b} row 1 (job 'a1'): job_id 'a1' already used by {a} row 1; only that row runs",
         f"{b} row 2 (job 'b2'): neither prompt nor messages is set; give one",

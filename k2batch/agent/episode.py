@@ -55,8 +55,7 @@ class EpisodeSpec(msgspec.Struct, frozen=True, kw_only=True):
 class EpisodeOutcome(msgspec.Struct, frozen=True, kw_only=True):
     result: Result
     spans: list[TraceSpan]
-    step_token_ids: list[list[int]]
-    """Generated ids per step, so a replay can compare tokens, not only text."""
+    """Chat spans carry each step's generated ids (output_token_ids), step 0 also what the episode started from."""
 
 
 class _Episode:
@@ -73,6 +72,7 @@ class _Episode:
         self.spans: list[TraceSpan] = []
         self.step_token_ids: list[list[int]] = []
         self.step_start_ns = 0
+        self.params: SamplingParams | None = None
         self.started = time.perf_counter()
         self.pending: dict[Future[ToolResult], tuple[Any, int, int]] = {}
         self.tool_results: list[tuple[Any, ToolResult, int, int] | None] = []
@@ -119,7 +119,32 @@ def run_episodes(
             latency_s=time.perf_counter() - ep.started, source_file=ep.spec.source_file, source_row=ep.spec.source_row,
         )  # fmt: skip
         if on_done is not None:
-            on_done(EpisodeOutcome(result=ep.result, spans=ep.spans, step_token_ids=ep.step_token_ids))
+            on_done(EpisodeOutcome(result=ep.result, spans=ep.spans))
+
+    def fail(ep: _Episode, error: Exception) -> None:
+        """An unexpected exception while handling one episode ends that episode alone, with status error."""
+        if ep.result is not None:
+            raise error  # raised by on_done, after the episode ended: the caller's own failure
+        log.warning("job %s: step %d failed", ep.spec.job_id, ep.step, exc_info=error)
+        waiting.discard(ep)
+        ep.pending.clear()  # calls still running are left to finish; their results are dropped
+        finish(ep, "error", "episode_error", f"{type(error).__name__}: {error} ({ep.step} steps done)")
+
+    def guarded(ep: _Episode, handle: Callable[..., None], *args: Any) -> None:
+        try:
+            handle(ep, *args)
+        except Exception as error:  # any one job's failure, wherever in its step, must not end the shard
+            fail(ep, error)
+
+    def start(ep: _Episode) -> None:
+        submit_step(ep, tokenizer.encode_chat(render(tokenizer, ep.spec, ep.messages, True)), None)
+
+    def collect(ep: _Episode, done: list[Future[ToolResult]]) -> None:
+        for future in [f for f in done if f in ep.pending]:
+            call, position, start_ns = ep.pending.pop(future)
+            ep.tool_results[position] = (call, future.result(), start_ns, time.time_ns())
+        if not ep.pending:
+            on_tools_done(ep)
 
     def submit_step(ep: _Episode, prompt_ids: list[int], continue_from: str | None) -> None:
         budgets = ep.spec.budgets
@@ -140,11 +165,12 @@ def run_episodes(
             temperature=ep.spec.temperature, top_p=ep.spec.top_p, top_k=ep.spec.top_k, max_new_tokens=left,
             seed=ep.spec.seed + ep.step, stop_token_ids=stop_ids,
         )  # fmt: skip
-        ep.prompt_ids = prompt_ids
-        ep.request_id = f"{ep.spec.job_id}:{ep.step}"
+        request_id = f"{ep.spec.job_id}:{ep.step}"
         ep.step_start_ns = time.time_ns()
-        by_request[ep.request_id] = ep
-        engine.add_request(prompt_ids, params, request_id=ep.request_id, keep_kv=True, continue_from=continue_from)
+        engine.add_request(prompt_ids, params, request_id=request_id, keep_kv=True, continue_from=continue_from)
+        # Only once the engine holds the request: until then ep.request_id names the previous, pinned one.
+        ep.prompt_ids, ep.params, ep.request_id = prompt_ids, params, request_id
+        by_request[request_id] = ep
 
     def on_output(ep: _Episode, out: RequestOutput) -> None:
         text = tokenizer.decode([t for t in out.token_ids if t < tokenizer.vocab_size])
@@ -157,12 +183,20 @@ def run_episodes(
         ep.reasoning_tokens += reasoning_ids
         ep.step_token_ids.append(list(out.token_ids))
         ep.last = parsed
+        params, first = ep.params, ep.step == 0
+        assert params is not None
         ep.spans.append(TraceSpan(
             job_id=ep.spec.job_id, step=ep.step, span_id=ep.span_id(ep.step, "chat"), parent_span_id=None,
             operation="chat", start_ns=ep.step_start_ns, end_ns=time.time_ns(), input_tokens=len(out.prompt_ids),
             cached_input_tokens=out.num_cached_tokens, output_tokens=len(out.token_ids),
-            reasoning_content=parsed.reasoning, content=parsed.content,
+            output_token_ids=list(out.token_ids), reasoning_content=parsed.reasoning, content=parsed.content,
             finish_reason="tool_calls" if parsed.tool_calls and out.finish_reason == "stop" else out.finish_reason,
+            request_temperature=params.temperature, request_top_p=params.top_p, request_top_k=params.top_k,
+            request_seed=params.seed, request_max_tokens=params.max_new_tokens,
+            # What the episode started from, once, so the trace alone replays it (k2batch.agent.replay).
+            input_messages=_json(ep.spec.messages) if first else None,
+            tool_definitions=_json(ep.spec.tool_schemas) if first else None,
+            episode_budgets=_json(ep.spec.budgets) if first else None,
         ))  # fmt: skip
         ep.step += 1
         if out.finish_reason == "error":
@@ -219,25 +253,22 @@ def run_episodes(
 
     with ThreadPoolExecutor(max_workers=max(1, tool_workers), thread_name_prefix="tool") as pool:
         for ep in episodes:
-            submit_step(ep, tokenizer.encode_chat(render(tokenizer, ep.spec, ep.messages, True)), None)
+            guarded(ep, start)
         while any(ep.result is None for ep in episodes):
             futures = [f for ep in waiting for f in ep.pending]
             if engine.has_unfinished():
                 for out in engine.step():
-                    on_output(by_request.pop(out.request_id), out)
+                    guarded(by_request.pop(out.request_id), on_output, out)
                 done = [f for f in futures if f.done()]
             else:
                 done = list(wait(futures, return_when=FIRST_COMPLETED).done)
             for ep in list(waiting):
-                for future in [f for f in done if f in ep.pending]:
-                    call, position, start_ns = ep.pending.pop(future)
-                    ep.tool_results[position] = (call, future.result(), start_ns, time.time_ns())
-                if not ep.pending:
-                    on_tools_done(ep)
-    return [
-        EpisodeOutcome(result=ep.result, spans=ep.spans, step_token_ids=ep.step_token_ids)  # type: ignore[arg-type]
-        for ep in episodes
-    ]
+                guarded(ep, collect, done)
+    return [EpisodeOutcome(result=ep.result, spans=ep.spans) for ep in episodes]  # type: ignore[arg-type]
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def registry_caller(

@@ -42,23 +42,28 @@ def k2_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def script_first_step(engine: Engine, script: list[int], steps: tuple[int, ...] = (0,)) -> None:
-    """Make every request of the given steps (ids "JOB:STEP", step 0 by default) emit `script`, then decode
-    freely: a test-only policy that forces a known tool-call section out of a random model while the real
-    engine runs every token."""
-    suffixes = tuple(f":{step}" for step in steps)
+def script_steps(engine: Engine, scripts: dict[str, list[int]]) -> None:
+    """Make every request whose id ("JOB:STEP") ends with a key of `scripts` emit that key's ids, then decode
+    freely: a test-only policy that forces known tool-call sections and answers out of a random model while the
+    real engine runs every token. Keys: ":1" (step 1 of every job) or "job:1" (one job's step)."""
     run = engine.runner.run
 
     def scripted(batch):
         logits = run(batch).clone()
         for row, (seq, q_len) in enumerate(batch):
+            script = next((ids for key, ids in scripts.items() if seq.request_id.endswith(key)), None)
             done = len(seq.output_ids)
-            if seq.request_id.endswith(suffixes) and seq.num_computed + q_len == len(seq) and done < len(script):
+            if script is not None and seq.num_computed + q_len == len(seq) and done < len(script):
                 logits[row] = torch.full_like(logits[row], -1e9)
                 logits[row, script[done]] = 0.0
         return logits
 
     engine.runner.run = scripted
+
+
+def script_first_step(engine: Engine, script: list[int], steps: tuple[int, ...] = (0,)) -> None:
+    """Make every request of the given steps (step 0 by default) emit `script`, then decode freely."""
+    script_steps(engine, {f":{step}": script for step in steps})
 
 
 def engine_for(path: Path, **overrides) -> Engine:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+import json
+import threading
+
+import msgspec
+
 from k2batch.agent import Budgets, EpisodeSpec, recorded_caller, registry_caller, run_episodes
 from k2batch.agent.tools import TOOLS, ToolContext, ToolResult, ToolSettings
-from tests.agent.conftest import engine_for, script_first_step
+from tests.agent.conftest import engine_for, script_first_step, script_steps
 
 CALLS = (
     "<think>add them</think>"
@@ -15,6 +20,7 @@ CALLS = (
     "<|tool_call_begin|>functions.nope:1<|tool_call_argument_begin|>{}<|tool_call_end|>"
     "<|tool_calls_section_end|><|im_end|>"
 )
+ANSWER = "<think>the calculator says 5</think>2+3 is 5.<|im_end|>"
 TOOL_NAMES = ("calculator", "now")
 
 
@@ -43,20 +49,30 @@ def scripted_engine(k2_checkpoint):
     return engine
 
 
-def test_tools_run_and_results_continue_the_prompt(scripted_engine):
-    engine = scripted_engine
+def chat_ids(outcome):
+    return [s.output_token_ids for s in outcome.spans if s.operation == "chat"]
+
+
+def test_tools_run_and_results_continue_the_prompt(k2_checkpoint):
+    engine = engine_for(k2_checkpoint)
+    calls, answer = engine.tokenizer.encode_chat(CALLS), engine.tokenizer.encode_chat(ANSWER)
+    script_steps(engine, {":0": calls, ":1": answer})
     jobs = ["a", "b", "c"]
-    outcomes = run_episodes(engine, engine.tokenizer, [spec(j) for j in jobs], caller(jobs), tool_workers=2)
+    specs = [spec(j, per_episode=400) for j in jobs]
+    outcomes = run_episodes(engine, engine.tokenizer, specs, caller(jobs), tool_workers=2)
     for outcome in outcomes:
         result, spans = outcome.result, outcome.spans
-        assert result.steps >= 2 and result.tool_calls == 2
-        assert result.status in ("ok", "token_limit", "step_limit")
+        assert (result.status, result.steps, result.tool_calls) == ("ok", 2, 2)
+        assert (result.answer, result.reasoning, result.error_type) == ("2+3 is 5.", "the calculator says 5", None)
+        assert result.completion_tokens == len(calls) + len(answer)
+        assert chat_ids(outcome) == [calls, answer]  # the trace holds the generated ids of every step
         tools = [s for s in spans if s.operation == "execute_tool"]
         assert [(s.tool_name, s.tool_result, s.error_type) for s in tools][0] == ("calculator", "5", None)
         assert tools[1].tool_name == "nope" and tools[1].error_type == "unknown_tool"  # a tool error, not the end
         assert tools[0].tool_call_id == "functions.calculator:0" and tools[0].tool_arguments == '{"expression": "2+3"}'
         chats = [s for s in spans if s.operation == "chat"]
         assert chats[0].finish_reason == "tool_calls" and chats[0].reasoning_content == "add them"
+        assert chats[1].finish_reason == "stop" and chats[1].content == "2+3 is 5."
         assert all(t.parent_span_id == chats[0].span_id for t in tools)
         assert [t.span_id for t in tools[:2]] == [f"{result.job_id}/0/tool0", f"{result.job_id}/0/tool1"]
         assert len({s.span_id for s in spans}) == len(spans)
@@ -78,7 +94,8 @@ def test_second_prompt_is_previous_context_plus_rendered_delta(scripted_engine):
     (first, kw0), (second, kw1) = seen[0], seen[1]
     assert kw0["continue_from"] is None and kw1["continue_from"] == "solo:0"
     assert second[: len(first)] == first
-    assert second[len(first) : len(first) + len(outcome.step_token_ids[0])] == outcome.step_token_ids[0]
+    generated = chat_ids(outcome)[0]
+    assert second[len(first) : len(first) + len(generated)] == generated
     text = engine.tokenizer.decode(second)
     assert text.endswith("## Return of functions.nope:1\nerror: unknown tool 'nope'; available: calculator, now"
                          "<|im_end|><|im_assistant|>assistant<|im_middle|>")  # fmt: skip
@@ -107,8 +124,89 @@ def test_replay_with_recorded_results_reproduces_tokens(k2_checkpoint):
 
     original = run(caller(["r"]))
     replayed = run(recorded_caller(original.spans))
-    assert replayed.step_token_ids == original.step_token_ids
+    assert chat_ids(replayed) == chat_ids(original) and len(chat_ids(original)) >= 2
     assert [s.tool_result for s in replayed.spans] == [s.tool_result for s in original.spans]
+
+
+def test_the_first_chat_span_records_how_the_episode_started(scripted_engine):
+    job = msgspec.structs.replace(spec("s", max_steps=3), temperature=0.7, top_p=0.9, top_k=50, seed=11)
+    (outcome,) = run_episodes(scripted_engine, scripted_engine.tokenizer, [job], caller(["s"]))
+    chats = [s for s in outcome.spans if s.operation == "chat"]
+    first = chats[0]
+    assert json.loads(first.input_messages) == job.messages
+    assert json.loads(first.tool_definitions) == job.tool_schemas
+    assert msgspec.json.decode(first.episode_budgets, type=Budgets) == job.budgets
+    assert [(c.request_temperature, c.request_top_p, c.request_top_k) for c in chats] == [(0.7, 0.9, 50)] * len(chats)
+    assert [c.request_seed for c in chats] == [11 + c.step for c in chats]  # each step its own seed
+    assert first.request_max_tokens == 76 and chats[1].request_max_tokens == 76 - first.output_tokens
+    assert all(c.input_messages is None and c.episode_budgets is None for c in chats[1:])
+    tools = [s for s in outcome.spans if s.operation == "execute_tool"]
+    assert all(t.output_token_ids is None and t.request_seed is None for t in tools)
+
+
+def test_one_failing_episode_ends_alone_with_status_error(k2_checkpoint, monkeypatch):
+    import k2batch.agent.episode as episode
+
+    engine = engine_for(k2_checkpoint)
+    script_steps(engine, {":0": engine.tokenizer.encode_chat(CALLS), ":1": engine.tokenizer.encode_chat(ANSWER)})
+    fine = caller(["ok1", "ok2", "tool-bug", "parse-bug"])
+
+    def flaky(job_id, step, tool_call_id, name, arguments):
+        if job_id == "tool-bug" and name == "calculator":
+            raise RuntimeError("caller broke")  # not a tool error: the ToolCaller itself fails
+        return fine(job_id, step, tool_call_id, name, arguments)
+
+    parse = episode.parse_assistant
+
+    def parse_or_break(text, tools):
+        if "now" not in tools:  # only parse-bug's episode has no `now` tool
+            raise ValueError("parser broke")
+        return parse(text, tools)
+
+    monkeypatch.setattr(episode, "parse_assistant", parse_or_break)
+    specs = [spec(j, per_episode=400) for j in ["ok1", "tool-bug", "ok2"]]
+    specs.append(msgspec.structs.replace(spec("parse-bug"), tools=("calculator",)))
+    outcomes = {o.result.job_id: o.result for o in run_episodes(engine, engine.tokenizer, specs, flaky)}
+    assert {j: r.status for j, r in outcomes.items()} == {
+        "ok1": "ok", "tool-bug": "error", "ok2": "ok", "parse-bug": "error",
+    }  # fmt: skip
+    assert outcomes["tool-bug"].error_type == outcomes["parse-bug"].error_type == "episode_error"
+    assert outcomes["tool-bug"].error_message == "RuntimeError: caller broke (1 steps done)"
+    assert outcomes["parse-bug"].error_message == "ValueError: parser broke (0 steps done)"
+    assert outcomes["ok1"].answer == outcomes["ok2"].answer == "2+3 is 5."
+    assert not engine.scheduler.kept  # the failed episodes' KV was let go too
+
+
+def test_a_tool_call_runs_while_other_episodes_decode(k2_checkpoint):
+    engine = engine_for(k2_checkpoint)
+    script_steps(engine, {"waits:0": engine.tokenizer.encode_chat(CALLS)})
+    call_started, release = threading.Event(), threading.Event()
+    steps_during_call = []
+    step = engine.step
+
+    def counting_step():
+        outputs = step()
+        if call_started.is_set() and not release.is_set():
+            steps_during_call.append(engine.stats.steps)
+            if len(steps_during_call) >= 5:
+                release.set()  # the tool may return once the engine stepped 5 times while it waited
+        return outputs
+
+    engine.step = counting_step
+
+    def blocking(job_id, step, tool_call_id, name, arguments):
+        if name == "calculator":
+            call_started.set()
+            if not release.wait(timeout=20):
+                return ToolResult("the engine did not step while this call ran", "timeout")
+        return ToolResult("5")
+
+    specs = [spec("waits", per_episode=200), spec("decodes", max_new_tokens=150, per_episode=150)]
+    waits, decodes = run_episodes(engine, engine.tokenizer, specs, blocking, tool_workers=2)
+    tool = next(s for s in waits.spans if s.tool_name == "calculator")
+    assert tool.error_type is None and len(steps_during_call) >= 5
+    busy = next(s for s in decodes.spans if s.operation == "chat")
+    assert busy.start_ns < tool.start_ns < tool.end_ns < busy.end_ns  # decodes' step spans the whole call
 
 
 def test_context_overflow_hides_earlier_tool_results(k2_checkpoint):
