@@ -24,6 +24,7 @@ from k2batch.shards import (
     manifest_uri,
     plan_shards,
     read_shard_rows,
+    remove_stale_shards,
     summary_uri,
 )
 from k2batch.storage import StorageOptions, read_json, write_json_atomic
@@ -109,14 +110,14 @@ def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storag
     if not plan.shards:
         raise dg.Failure(f"{found.input_uri}: its {len(plan.files)} file(s) hold no rows")
     invalid = invalid_rows(plan, batch_config, options)
+    output = outputs_uri(storage.root, batch)
+    # A batch rewritten with fewer rows has fewer shards: the outputs of the others go, or the report would
+    # count their rows (and fail on their columns).
+    stale = remove_stale_shards(output, plan, options)
+    if stale:
+        context.log.info(f"removed the outputs of shards {stale} under {output}: the plan has no such shards now")
     stored = msgspec.structs.replace(batch_config, storage=StorageConfig(options=dict(storage.options)))
-    value = BatchPlan(
-        batch=batch,
-        input_uri=found.input_uri,
-        output_uri=outputs_uri(storage.root, batch),
-        config=stored,
-        plan=plan,
-    )
+    value = BatchPlan(batch=batch, input_uri=found.input_uri, output_uri=output, config=stored, plan=plan)
     by_error = Counter(result.error_type for result in invalid)
     shown = [
         (r.source_file, r.source_row, r.job_id, r.error_type, r.error_message) for r in invalid[:SHOWN_INVALID_ROWS]
@@ -138,8 +139,9 @@ def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storag
                 if invalid
                 else "none"
             ),
+            "stale_shards_removed": len(stale),
             "input": found.input_uri,
-            "output": value.output_uri,
+            "output": output,
             "model": batch_config.model,
             "config_hash": config_hash(batch_config),
         },

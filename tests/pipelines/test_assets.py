@@ -196,6 +196,23 @@ def test_bad_pass_through_types_stay_rows(batch_model, tmp_path):
     assert checks(result)[ROWS_CHECK].passed
 
 
+def test_rewritten_batch_with_fewer_rows_and_other_columns_reports_only_its_rows(batch_model, tmp_path):
+    path = write_jobs(tmp_path / "inputs" / "b7" / "jobs.parquet")  # five rows: shards 0 and 1
+    with dg.instance_for_test() as instance:
+        assert materialize(tmp_path, batch_model, instance, batch="b7").success
+        write_jobs(path, pa.table({"job_id": ["solo"], "prompt": ["Hi"], "region": ["eu"]}))
+        result = materialize(tmp_path, batch_model, instance, batch="b7")
+    assert result.success
+    assert metadata(result, "shard_plan")["stale_shards_removed"] == 1
+    output = tmp_path / "outputs" / "b7"
+    assert sorted(p.name for p in (output / "manifests").iterdir()) == ["shard=00000.json"]
+    assert sorted(p.name for p in (output / "results").iterdir()) == ["shard=00000"]
+    results = pl.read_parquet(f"{output}/results/**/*.parquet", hive_partitioning=True)
+    assert results["job_id"].to_list() == ["solo"] and results["region"].to_list() == ["eu"]
+    assert metadata(result, "batch_report")["rows"] == 1 and checks(result)[ROWS_CHECK].passed
+    assert json.loads((output / "summary.json").read_text())["rows"] == 1
+
+
 def test_readme_polars_snippet_reads_the_outputs(materialized, capsys):
     root, _, _ = materialized
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
