@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -73,41 +74,47 @@ def run(args: argparse.Namespace) -> None:
 
 
 def inspect_table(output: str, config_path: str | None) -> pl.DataFrame:
-    """Per status and task: jobs, steps, tokens, cache hit rate, throughput and API-equivalent cost."""
+    """Per status and task, then a `total` row: jobs, steps, tokens, cache hit rate and API-equivalent cost.
+
+    Reads only results and manifests, so a batch that crashed before its summary is inspected too. Throughput
+    is a batch figure, so only the total row has it: output tokens of the complete shards (those with a
+    manifest) per second of their run time."""
+    from k2batch.agent.batch import scan_results
     from k2batch.config import load_config
-    from k2batch.storage import join, polars_storage_options, read_json
+    from k2batch.shards import read_manifests
 
     config = load_config(config_path)
-    options = config.storage.options
-    summary = read_json(join(output, "summary.json"), options)
-    prices = config.prices
-    results = pl.scan_parquet(
-        join(output, "results", "**", "*.parquet"),
-        hive_partitioning=True,
-        storage_options=polars_storage_options(output, options) or None,
-    )
+    options, prices = config.storage.options, config.prices
+    results = scan_results(output, options)
+    manifests = read_manifests(output, options)
+    run_s = sum(m.timings.get("run_s", 0.0) for m in manifests)
+    complete = pl.col("shard").is_in([m.shard for m in manifests])
     uncached = pl.col("prompt_tokens") - pl.col("cached_prompt_tokens")
-    return (
+    sums = dict(
+        jobs=pl.len(),
+        steps=pl.col("steps").sum(),
+        tool_calls=pl.col("tool_calls").sum(),
+        prompt_tokens=pl.col("prompt_tokens").sum(),
+        cached_prompt_tokens=pl.col("cached_prompt_tokens").sum(),
+        completion_tokens=pl.col("completion_tokens").sum(),
+        reasoning_tokens=pl.col("reasoning_tokens").sum(),
+        cost_usd=(
+            uncached * prices.input + pl.col("cached_prompt_tokens") * prices.cached_input
+            + pl.col("completion_tokens") * prices.output
+        ).sum() / 1e6,
+    )  # fmt: skip
+    hit_rate = pl.col("cached_prompt_tokens") / pl.col("prompt_tokens").clip(lower_bound=1)
+    groups = (
         results.group_by("status", "task")
-        .agg(
-            jobs=pl.len(),
-            steps=pl.col("steps").sum(),
-            tool_calls=pl.col("tool_calls").sum(),
-            prompt_tokens=pl.col("prompt_tokens").sum(),
-            cached_prompt_tokens=pl.col("cached_prompt_tokens").sum(),
-            completion_tokens=pl.col("completion_tokens").sum(),
-            cost_usd=(
-                uncached * prices.input + pl.col("cached_prompt_tokens") * prices.cached_input
-                + pl.col("completion_tokens") * prices.output
-            ).sum() / 1e6,
-        )  # fmt: skip
-        .with_columns(
-            cache_hit_rate=pl.col("cached_prompt_tokens") / pl.col("prompt_tokens").clip(lower_bound=1),
-            output_tok_s=pl.col("completion_tokens") / max(summary.get("shard_run_s") or 0.0, 1e-9),
-        )
+        .agg(**sums)
+        .with_columns(cache_hit_rate=hit_rate, output_tok_s=pl.lit(None, pl.Float64))
         .sort("status", "task", nulls_last=True)
-        .collect()
     )
+    rate = pl.col("completion_tokens").filter(complete).sum() / run_s if run_s > 0 else pl.lit(None)
+    total = results.select(
+        status=pl.lit("total"), task=pl.lit(None, pl.String), **sums, output_tok_s=rate.cast(pl.Float64)
+    ).with_columns(cache_hit_rate=hit_rate)
+    return pl.concat([groups, total.select(groups.collect_schema().names())]).collect()
 
 
 def inspect(args: argparse.Namespace) -> None:
@@ -116,14 +123,14 @@ def inspect(args: argparse.Namespace) -> None:
 
 
 def replay(args: argparse.Namespace) -> None:
-    """Re-run one job greedily with its recorded tool results; exit 1 when the tokens differ."""
+    """Re-run one job from its trace (recorded sampling, seeds and tool results); exit 1 when the tokens differ."""
     from k2batch.agent.replay import replay_job
     from k2batch.config import load_config
 
     report = replay_job(args.output, args.job, load_config(args.config))
     for step in report.steps:
         print(f"step {step.step}: {step.recorded_tokens} recorded, {step.replayed_tokens} replayed tokens, "
-              f"{'same' if step.same else 'DIFFERENT'}")  # fmt: skip
+              f"{'same ids' if step.same else 'DIFFERENT ids'}")  # fmt: skip
     print(f"status {report.recorded_status} -> {report.replayed_status}: {'match' if report.matches else 'MISMATCH'}")
     if not report.matches:
         raise SystemExit(1)
@@ -158,14 +165,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("output")
     p.add_argument("--config", help="TOML with the prices (default: configs/default.toml)")
     p.set_defaults(func=inspect)
-    p = sub.add_parser("replay", help="re-run one job greedily with its recorded tool results")
+    p = sub.add_parser("replay", help="re-run one job from its trace and compare the generated tokens")
     p.add_argument("output")
     p.add_argument("--job", required=True)
     p.add_argument("--config", help="the TOML the batch ran with")
     p.set_defaults(func=replay)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args.func(args)
+    from k2batch.config import ConfigError
+    from k2batch.shards import InputError
+
+    try:
+        args.func(args)
+    except (InputError, ConfigError) as error:
+        # The message names the file and what to do; a traceback would only bury it. Status 2, as argparse's.
+        message = " ".join(str(error).splitlines())
+        print(f"k2batch: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from k2batch.storage import (
     filesystem,
     join,
     list_files,
+    list_uris,
     read_json,
     remove,
     write_json_atomic,
@@ -435,6 +436,12 @@ def write_shard_outputs(
     )
     write_json_atomic(manifest_uri(output_uri, shard_index), written, options)
     return written
+
+
+def read_manifests(output_uri: str, options: StorageOptions = None) -> list[ShardManifest]:
+    """The manifests of the shards complete under `output_uri`, by shard index."""
+    uris = list_uris(join(output_uri, "manifests"), options, suffix=".json")
+    return sorted((read_json(uri, options, type=ShardManifest) for uri in uris), key=lambda m: m.shard)
 
 
 def completed_shards(output_uri: str, plan: ShardPlan, config_hash: str, options: StorageOptions = None) -> set[int]:

@@ -142,26 +142,37 @@ def write_json_atomic(uri: str, value: Any, options: StorageOptions = None) -> W
     return write_bytes_atomic(uri, data, options)
 
 
-def list_files(prefix_uri: str, options: StorageOptions = None, *, suffix: str = ".parquet") -> list[FileInfo]:
-    """Files under `prefix_uri` (recursively; or the file itself) whose names end in `suffix`, sorted by URI.
-
-    Hidden names ('.', '_': temporary keys, _SUCCESS markers) are skipped. URIs are `prefix_uri` joined
-    with the path below it, so they compare equal to URIs built with `join` from the same root."""
+def _find(prefix_uri: str, options: StorageOptions, suffix: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(URI, path, info) of the files list_files lists, sorted by URI."""
     fs, path = filesystem(prefix_uri, options)
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     entries = {path: fs.info(path)} if fs.isfile(path) else fs.find(path, withdirs=False, detail=True)
-    files = []
+    found = []
     for name, info in entries.items():
         base = name.rsplit("/", 1)[-1]
         if not base.endswith(suffix) or base.startswith((".", "_")):
             continue
-        uri = join(prefix_uri, name[len(path) :]) if name != path else prefix_uri
-        files.append(
-            FileInfo(uri=uri, size=int(info["size"]), mtime=_mtime(info), etag_or_hash=_fingerprint(fs, name, info))
-        )
-    return sorted(files, key=lambda file: file.uri)
+        found.append((join(prefix_uri, name[len(path) :]) if name != path else prefix_uri, name, info))
+    return sorted(found, key=lambda entry: entry[0])
+
+
+def list_files(prefix_uri: str, options: StorageOptions = None, *, suffix: str = ".parquet") -> list[FileInfo]:
+    """Files under `prefix_uri` (recursively; or the file itself) whose names end in `suffix`, sorted by URI.
+
+    Hidden names ('.', '_': temporary keys, _SUCCESS markers) are skipped. URIs are `prefix_uri` joined
+    with the path below it, so they compare equal to URIs built with `join` from the same root."""
+    fs, _ = filesystem(prefix_uri, options)
+    return [
+        FileInfo(uri=uri, size=int(info["size"]), mtime=_mtime(info), etag_or_hash=_fingerprint(fs, name, info))
+        for uri, name, info in _find(prefix_uri, options, suffix)
+    ]
+
+
+def list_uris(prefix_uri: str, options: StorageOptions = None, *, suffix: str = ".parquet") -> list[str]:
+    """The URIs list_files lists, without reading the files for their fingerprints."""
+    return [uri for uri, _, _ in _find(prefix_uri, options, suffix)]
 
 
 def _mtime(info: Mapping[str, Any]) -> float:

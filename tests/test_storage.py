@@ -65,7 +65,7 @@ def test_list_files_sorted_filtered_with_sizes_times_and_fingerprints(root: tupl
 
     files = storage.list_files(uri, options)
     expected = [storage.join(uri, name) for name in ["a.parquet", "b/1.parquet", "b/2.parquet", "c.parquet"]]
-    assert [file.uri for file in files] == expected
+    assert [file.uri for file in files] == expected == storage.list_uris(uri, options)
     assert all(file.size > 0 and file.mtime > 1.6e9 for file in files)
     # Same bytes, same fingerprint; other bytes, another.
     assert files[0].etag_or_hash == files[1].etag_or_hash != files[3].etag_or_hash

@@ -15,19 +15,21 @@ from k2batch.agent.episode import Budgets, EpisodeOutcome, EpisodeSpec, registry
 from k2batch.agent.tools import TOOLS, ToolContext, ToolRegistry, ToolSettings
 from k2batch.config import BatchConfig, config_hash, load_config
 from k2batch.engine import Engine
-from k2batch.records import Job, RunInfo, results_table, traces_table, validate_jobs
+from k2batch.records import RESULT_SCHEMA, Job, RunInfo, results_table, traces_table, validate_jobs
 from k2batch.shards import (
     Shard,
     ShardManifest,
     completed_shards,
     new_manifest,
     plan_shards,
+    read_manifests,
     read_shard_rows,
     remove_stale_shards,
+    start_attempt,
     summary_uri,
     write_shard_outputs,
 )
-from k2batch.storage import join, list_files, polars_storage_options, read_json, write_json_atomic
+from k2batch.storage import join, list_uris, polars_storage_options, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +76,16 @@ def run_shard(
     config: BatchConfig,
     registry: ToolRegistry = TOOLS,
     *,
-    attempt: int = 1,
+    attempt: int | None = None,
 ) -> ShardManifest:
     """Validate a shard's rows, run its jobs' episodes, write results, traces and (last) the manifest.
 
-    `attempt` counts tries of this shard (an orchestrator's retries); results and the manifest record it."""
+    Results and the manifest record the attempt: `attempt` when the caller counts its tries (an orchestrator's
+    retries), else the count of starts under `output_uri` (shards.start_attempt), crashed runs included."""
     options = config.storage.options
-    manifest = new_manifest(shard, config_hash(config), attempt)
+    hashed = config_hash(config)
+    attempt = start_attempt(output_uri, shard, hashed, options, attempt=attempt)
+    manifest = new_manifest(shard, hashed, attempt)
     started = time.perf_counter()
     inputs = read_shard_rows(shard, options)
     tokenizer = engine.tokenizer
@@ -115,13 +120,20 @@ def run_shard(
     return write_shard_outputs(output_uri, shard.index, results, traces, manifest, options)
 
 
-def summarize(output_uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Batch totals from the results of every shard."""
-    results = pl.scan_parquet(
+def scan_results(output_uri: str, options: dict[str, Any] | None = None) -> pl.LazyFrame:
+    """Every shard's results, as the documented reader glob gives them; no rows (not an error) when there are none."""
+    if not list_uris(join(output_uri, "results"), options):  # a batch without rows writes no shards
+        return pl.from_arrow(RESULT_SCHEMA.empty_table()).lazy()
+    return pl.scan_parquet(
         join(output_uri, "results", "**", "*.parquet"),
         hive_partitioning=True,
         storage_options=polars_storage_options(output_uri, options) or None,
     )
+
+
+def summarize(output_uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Batch totals from the results of every shard (zeros for a batch without rows)."""
+    results = scan_results(output_uri, options)
     totals = results.select(
         rows=pl.len(),
         steps=pl.col("steps").sum(),
@@ -132,13 +144,9 @@ def summarize(output_uri: str, options: dict[str, Any] | None = None) -> dict[st
         reasoning_tokens=pl.col("reasoning_tokens").sum(),
     ).collect()
     by_status = results.group_by("status").len().collect()
-    manifests = [
-        read_json(file.uri, options, type=ShardManifest)
-        for file in list_files(join(output_uri, "manifests"), options, suffix=".json")
-    ]
     return {
         **totals.row(0, named=True),
-        "shard_run_s": sum(m.timings.get("run_s", 0.0) for m in manifests),
+        "shard_run_s": sum(m.timings.get("run_s", 0.0) for m in read_manifests(output_uri, options)),
         "rows_by_status": dict(sorted(zip(by_status["status"], by_status["len"], strict=True))),
     }
 

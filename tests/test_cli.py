@@ -1,0 +1,80 @@
+"""The `k2batch` command without a model: `inspect` on a batch of known numbers, and clean errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from k2batch import storage
+from k2batch.cli import inspect_table, main
+from k2batch.records import Result, RunInfo, results_table, traces_table
+from k2batch.shards import ShardManifest, results_uri, write_shard_outputs
+
+
+def result(status, task, prompt=0, cached=0, completion=0, reasoning=0, row=0) -> Result:
+    return Result(
+        job_id=f"j{row}", task=task, status=status, steps=1, tool_calls=0, prompt_tokens=prompt,
+        cached_prompt_tokens=cached, completion_tokens=completion, reasoning_tokens=reasoning,
+        source_file="in.parquet", source_row=row,
+    )  # fmt: skip
+
+
+def write_shard(output: str, index: int, results: list[Result], run_s: float | None) -> None:
+    """Shard `index` with these results; with run_s None it crashed after its results, before its manifest."""
+    table = results_table(results, RunInfo(model="m", config_hash="c", shard=index, attempt=1))
+    if run_s is None:
+        storage.write_parquet_atomic(results_uri(output, index), table)
+        return
+    manifest = ShardManifest(
+        shard=index, input_hash="h", config_hash="c", attempt=1, inputs=(), rows_in=len(results), started_at=0.0,
+        timings={"run_s": run_s},
+    )  # fmt: skip
+    write_shard_outputs(output, index, table, traces_table([]), manifest)
+
+
+def test_inspect_numbers_of_a_known_batch_without_summary(tmp_path: Path) -> None:
+    output = str(tmp_path / "out")
+    write_shard(output, 0, [result("ok", "draft", 100, 60, 40, 10, 0), result("ok", "draft", 300, 0, 60, 20, 1)], 2.0)
+    write_shard(output, 1, [result("invalid", None, row=2), result("error", "draft", 100, 40, 0, 0, 3)], 3.0)
+    write_shard(output, 2, [result("ok", "draft", 200, 0, 50, 0, 4)], None)  # no manifest: not in the rate
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+    rows = {(r["status"], r["task"]): r for r in inspect_table(output, None).to_dicts()}
+    assert list(rows) == [("error", "draft"), ("invalid", None), ("ok", "draft"), ("total", None)]
+    ok, total = rows["ok", "draft"], rows["total", None]
+    # Default prices: $0.60 input, $0.15 cached input, $2.50 output per million tokens.
+    assert (ok["jobs"], ok["prompt_tokens"], ok["cached_prompt_tokens"], ok["reasoning_tokens"]) == (3, 600, 60, 30)
+    assert ok["cache_hit_rate"] == pytest.approx(0.1)
+    assert ok["cost_usd"] == pytest.approx((540 * 0.60 + 60 * 0.15 + 150 * 2.50) / 1e6)
+    assert rows["error", "draft"]["cost_usd"] == pytest.approx((60 * 0.60 + 40 * 0.15) / 1e6)
+    assert ok["output_tok_s"] is None  # a group has no throughput of its own
+    assert (total["jobs"], total["prompt_tokens"], total["completion_tokens"], total["reasoning_tokens"]) == (
+        5, 700, 150, 30,
+    )  # fmt: skip
+    assert total["cache_hit_rate"] == pytest.approx(100 / 700)
+    assert total["cost_usd"] == pytest.approx((600 * 0.60 + 100 * 0.15 + 150 * 2.50) / 1e6)
+    assert total["output_tok_s"] == pytest.approx(100 / 5.0)  # complete shards' 100 tokens over their 5 s
+
+
+def test_bad_input_and_config_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "inputs").mkdir()
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"job_id": ["a"] * 100, "prompt": ["p"] * 100}), good)
+    (tmp_path / "inputs" / "jobs.parquet").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--input", str(tmp_path / "inputs"), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"k2batch: error: {tmp_path / 'inputs' / 'jobs.parquet'}: not a readable Parquet file")
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "bad.toml").write_text("[agent]\nmax_stepz = 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--input", str(good), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "bad.toml")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"k2batch: error: {tmp_path / 'bad.toml'}: agent.max_stepz: unknown key"
+    )
