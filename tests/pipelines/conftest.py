@@ -64,6 +64,30 @@ def batch_run_config(model: str, **report: Any) -> dict[str, Any]:
     return {"ops": config}
 
 
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO / "workspace" / "models" / "k2-demo"
+DEMO_CONFIG = REPO / "configs" / "demo.toml"
+DEMO_CORPUS = REPO / "workspace" / "data" / "corpus.parquet"
+
+
+def demo_run_config(rows_per_shard: int) -> dict[str, Any]:
+    """Run config of batch_job for the demo model as `k2batch demo` runs it (configs/demo.toml: greedy, INT4
+    experts dequantized once), with a KV cache sized for a few jobs."""
+    from k2batch.config import load_config
+    from k2batch.demo.workspace import ensure_corpus
+
+    demo = load_config(DEMO_CONFIG)
+    config = {
+        "model": str(DEMO_MODEL),
+        "engine": {"dequantize_int4": demo.engine.dequantize_int4, "max_num_seqs": 8, "num_kv_blocks": 512},
+        "sampling": {"temperature": demo.sampling.temperature, "max_new_tokens": demo.sampling.max_new_tokens},
+        "agent": {"max_steps": demo.agent.max_steps},
+        "tools": {"search_corpus": str(ensure_corpus(DEMO_CORPUS))},
+        "rows_per_shard": rows_per_shard,
+    }
+    return {"ops": {"shard_plan": {"config": config}}}
+
+
 def write_jobs(path: Path, table: pa.Table = JOBS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
