@@ -78,9 +78,9 @@ def test_memory_uri_index_is_built_once_across_threads(monkeypatch: pytest.Monke
     builds: list[str] = []
     build = search_module._build_index
 
-    def counting_build(uri: str, storage_options: dict) -> search_module.CorpusIndex:
+    def counting_build(fs, path: str, uri: str) -> search_module.CorpusIndex:
         builds.append(uri)
-        return build(uri, storage_options)
+        return build(fs, path, uri)
 
     monkeypatch.setattr(search_module, "_build_index", counting_build)
     listings: list[str] = []
@@ -97,3 +97,15 @@ def test_memory_uri_index_is_built_once_across_threads(monkeypatch: pytest.Monke
     assert builds == [uri]
     assert len(listings) == 8 and all(hit_ids(listing) == ["d3"] for listing in listings)
     assert search_module.corpus_index(uri) is search_module.corpus_index(uri)
+
+
+def test_a_rewritten_corpus_is_indexed_again(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/corpus.parquet"
+    write_corpus(uri)
+    first = search_module.corpus_index(uri)
+    assert search_module.corpus_index(uri) is first
+    assert search_module.corpus_index(uri, {"anon": True}) is not first  # other options: its own entry
+    table = pa.table({"doc_id": ["n1"], "title": ["Submarines"], "text": ["A submarine dives."]})
+    pq.write_table(table, tmp_path / "corpus.parquet")
+    assert hit_ids(run_search(uri, {"query": "submarine"})) == ["n1"]
+    assert search_module.corpus_index(uri) is not first

@@ -130,6 +130,8 @@ class ToolRegistry:
 
         # A daemon thread per call: a tool stuck past its timeout cannot hold up the episode or
         # the process exit; it is abandoned (the python tool kills its own subprocess by then).
+        # The calling thread (a worker of the episode loop's pool, which bounds concurrent calls)
+        # cannot be the one abandoned: concurrent.futures joins its workers at shutdown and at exit.
         worker = threading.Thread(target=run, name=f"tool-{name}-{ctx.job_id}", daemon=True)
         worker.start()
         worker.join(timeout_s)

@@ -1,5 +1,6 @@
 """The `search` tool: BM25 over a corpus Parquet (doc_id, title, text), indexed once per URI."""
 
+import json
 import logging
 import re
 import threading
@@ -52,12 +53,13 @@ class CorpusIndex:
         return order[:k].tolist()
 
 
-_indexes: dict[str, CorpusIndex] = {}
+# Per (URI, storage options): the corpus fingerprint the index was built from, and the index. A rewritten
+# corpus (other size, mtime or ETag) is indexed again and replaces the old index.
+_indexes: dict[tuple[str, str], tuple[tuple[Any, ...], CorpusIndex]] = {}
 _build_lock = threading.Lock()
 
 
-def _build_index(uri: str, storage_options: dict[str, Any]) -> CorpusIndex:
-    fs, path = filesystem(uri, storage_options)
+def _build_index(fs: Any, path: str, uri: str) -> CorpusIndex:
     with fs.open(path, "rb") as file:
         table = pq.read_table(file)
     missing = [c for c in _COLUMNS if c not in table.column_names]
@@ -68,15 +70,27 @@ def _build_index(uri: str, storage_options: dict[str, Any]) -> CorpusIndex:
     return CorpusIndex(*columns)
 
 
+def _fingerprint(fs: Any, path: str) -> tuple[Any, ...]:
+    """What changes when the corpus file does, from one stat (or HEAD) call, without reading it."""
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    # Each fsspec implementation names these differently: local mtime, memory created, S3 LastModified and ETag.
+    return tuple(info.get(key) for key in ("size", "mtime", "created", "LastModified", "ETag", "etag"))
+
+
 def corpus_index(uri: str, storage_options: dict[str, Any] | None = None) -> CorpusIndex:
-    """The index of the corpus at `uri`, built on first use and shared by all later calls."""
-    index = _indexes.get(uri)
-    if index is None:
-        with _build_lock:  # one build per URI even when many episodes search at once
-            index = _indexes.get(uri)
-            if index is None:
-                index = _indexes[uri] = _build_index(uri, storage_options or {})
-    return index
+    """The index of the corpus at `uri`, built on first use and shared by later calls while the file is unchanged."""
+    options = storage_options or {}
+    key = (uri, json.dumps(options, sort_keys=True, default=str))
+    fs, path = filesystem(uri, options)
+    fingerprint = _fingerprint(fs, path)
+    cached = _indexes.get(key)
+    if cached is None or cached[0] != fingerprint:
+        with _build_lock:  # one build per corpus version even when many episodes search at once
+            cached = _indexes.get(key)
+            if cached is None or cached[0] != fingerprint:
+                cached = _indexes[key] = (fingerprint, _build_index(fs, path, uri))
+    return cached[1]
 
 
 def _snippet(text: str, query: str) -> str:
