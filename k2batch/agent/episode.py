@@ -85,7 +85,10 @@ class _Episode:
 
 def render(tokenizer: Tokenizer, spec: EpisodeSpec, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
     tools = spec.tool_schemas or None
-    return render_chat(tokenizer.chat_template, messages, tools, add_generation_prompt=generation_prompt)
+    # Escaped: what users and tools write is text, even where it spells a control token.
+    return render_chat(
+        tokenizer.chat_template, messages, tools, add_generation_prompt=generation_prompt, escape=tokenizer.escape
+    )
 
 
 def run_episodes(
