@@ -136,7 +136,14 @@ def test_materialize_a_batch_from_the_ui(webserver, tmp_path):
             page.screenshot(path=ARTIFACTS / "ui-run.png")
             page.goto(f"{url}/assets/batch_report?partition=ui-batch")
             page.get_by_text("steps_per_episode").first.wait_for(timeout=60_000)
-            page.screenshot(path=ARTIFACTS / "ui-batch-report.png", full_page=True)
+            # The asset page scrolls inside its own container, so full_page stops at the viewport: grow the
+            # viewport to the report's length and width, then take the metadata table itself.
+            page.set_viewport_size({"width": 2400, "height": 3000})
+            metadata = page.locator("table").filter(has_text="steps_per_episode").first
+            metadata.scroll_into_view_if_needed()
+            metadata.screenshot(path=ARTIFACTS / "ui-batch-report.png")
+            shown = metadata.inner_text()
+            assert all(key in shown for key in ("api_cost_usd", "output_tokens_per_s", "tokens_per_task", "█"))
         except Exception:
             page.screenshot(path=ARTIFACTS / "ui-failure.png", full_page=True)
             print(f"failure screenshot: {ARTIFACTS / 'ui-failure.png'} at {page.url}")
