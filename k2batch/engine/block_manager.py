@@ -15,32 +15,48 @@ class BlockManager:
         self.ref_count = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.cache = PrefixCache(block_size) if enable_prefix_caching else None
-        # Per sequence: the deepest prefix-cache node on its path and how many of its blocks that path covers.
-        self._path: dict[str, tuple[Node, int]] = {}
+        # Per sequence: the prefix-cache nodes of its first full blocks. A node's block is not the sequence's own
+        # when another sequence published the same content first; the sequence then references that block too,
+        # because its later blocks hang under that node and a cached node must not be evicted under them.
+        self._path: dict[str, list[Node]] = {}
 
     @property
-    def num_available(self) -> int:
+    def num_allocatable(self) -> int:
+        """Blocks that can be handed out now: free ones, and cached ones nobody references."""
         return len(self.free_blocks) + (self.cache.num_evictable if self.cache else 0)
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
-    def match_prefix(self, seq: Sequence) -> int:
-        """Point a new sequence's first blocks at cached ones; returns the number of tokens it can skip.
+    def match_prefix(self, seq: Sequence) -> None:
+        """Point a new sequence's first blocks at cached ones, and count the tokens it can skip.
 
-        At least one token is always left to compute: the model must run on it to produce the next logits.
+        Full blocks are shared. If a cached block then starts with the sequence's next tokens, their latents
+        are copied into the sequence's own block (`copy_from`), so a prefix ending inside a block is not
+        recomputed either. At least one token is always left to compute: the model must run on it to produce
+        the next logits.
         """
         if self.cache is None:
-            return 0
-        tokens = seq.tokens
-        nodes = self.cache.match(tokens[: len(tokens) - 1])
+            return
+        tokens = seq.tokens[: len(seq) - 1]
+        nodes = self.cache.match(tokens)
         for node in nodes:
             self._ref(node.block)
             seq.block_table.append(node.block)
         if nodes:
-            self._path[seq.request_id] = (nodes[-1], len(nodes))
+            self._path[seq.request_id] = nodes
         seq.num_computed = len(nodes) * self.block_size
-        return seq.num_computed
+        partial = self.cache.match_partial(nodes[-1] if nodes else self.cache.root, tokens[seq.num_computed :])
+        if partial is not None and self._room_for_copy(seq):
+            node, num_tokens = partial
+            self._ref(node.block)  # held until the copy is done, so it cannot be evicted and rewritten first
+            seq.copy_from = node.block
+            seq.num_computed += num_tokens
+
+    def copy_done(self, seq: Sequence) -> None:
+        """After the forward that copied `seq.copy_from`'s latents: let go of that block."""
+        self._unref(seq.copy_from)
+        seq.copy_from = None
 
     def record_lookup(self, seq: Sequence) -> None:
         """Count an admitted sequence's prefix-cache hits and misses, in full prompt blocks."""
@@ -50,7 +66,7 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow the block table to hold `num_tokens` tokens; False (and nothing changed) if memory is short."""
         needed = self.blocks_needed(seq, num_tokens)
-        if needed > self.num_available:
+        if needed > self.num_allocatable:  # exact (see PrefixCache), so the loop below cannot run short
             return False
         for _ in range(needed):
             block = self.free_blocks.popleft() if self.free_blocks else self.cache.evict()
@@ -66,28 +82,61 @@ class BlockManager:
         """
         if self.cache is None:
             return
-        node, covered = self._path.get(seq.request_id, (self.cache.root, 0))
-        tokens = seq.tokens
-        bs = self.block_size
-        while (covered + 1) * bs <= num_tokens:
-            block = seq.block_table[covered]
-            node, _ = self.cache.insert(node, tuple(tokens[covered * bs : (covered + 1) * bs]), block)
-            covered += 1
-        self._path[seq.request_id] = (node, covered)
+        path = self._path.setdefault(seq.request_id, [])
+        node = path[-1] if path else self.cache.root
+        tokens, bs = seq.tokens, self.block_size
+        while (len(path) + 1) * bs <= num_tokens:
+            i = len(path)
+            node = self.cache.insert(node, tuple(tokens[i * bs : (i + 1) * bs]), seq.block_table[i])
+            if node.block != seq.block_table[i]:
+                self._ref(node.block)
+            path.append(node)
 
     def free(self, seq: Sequence) -> None:
-        for block in reversed(seq.block_table):  # deepest first: leaves are evicted before their parents
-            self._unref(block)
-        seq.block_table.clear()
+        self._truncate(seq, 0)
+        if seq.copy_from is not None:
+            self.copy_done(seq)
         seq.num_computed = 0
         self._path.pop(seq.request_id, None)
 
-    def transfer(self, old: Sequence, new: Sequence) -> None:
-        """Hand a finished sequence's blocks (and its prefix-cache path) to its continuation."""
+    def transfer(self, old: Sequence, new: Sequence, num_tokens: int) -> None:
+        """Hand the KV of a finished sequence's first `num_tokens` tokens to its continuation; free the rest."""
         new.block_table, old.block_table = old.block_table, []
-        new.num_computed = old.num_computed
         if old.request_id in self._path:
             self._path[new.request_id] = self._path.pop(old.request_id)
+        self._truncate(new, num_tokens)
+        new.num_computed = num_tokens
+        if num_tokens % self.block_size and self._is_cached(new.block_table[-1]):
+            # The continuation writes into its last block, but that block is published and others may read
+            # it: copy the kept latents into a fresh block instead (the reference moves to copy_from), or
+            # recompute them if the cache has no room for the copy.
+            last = new.block_table.pop()
+            if self._room_for_copy(new):
+                new.copy_from = last
+            else:
+                self._unref(last)
+                new.num_computed -= num_tokens % self.block_size
+
+    def _room_for_copy(self, seq: Sequence) -> bool:
+        """A copy's source block is held through the sequence's first step, one block beyond its own. Copy only
+        if that still fits in the whole cache, so a request that needs all of it is never turned away."""
+        return -(-len(seq) // self.block_size) < self.num_blocks
+
+    def _truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Drop the sequence's blocks past its first `num_tokens` tokens, and its path past their full blocks."""
+        bs = self.block_size
+        path = self._path.get(seq.request_id, [])
+        for i in reversed(range(num_tokens // bs, len(path))):
+            if path[i].block != seq.block_table[i]:
+                self._unref(path[i].block)
+        del path[num_tokens // bs :]
+        keep = -(-num_tokens // bs)
+        for block in reversed(seq.block_table[keep:]):  # deepest first: leaves are evicted before their parents
+            self._unref(block)
+        del seq.block_table[keep:]
+
+    def _is_cached(self, block: int) -> bool:
+        return self.cache is not None and block in self.cache.node_of_block
 
     def _ref(self, block: int) -> None:
         if self.ref_count[block] == 0 and self.cache is not None:
@@ -97,7 +146,7 @@ class BlockManager:
     def _unref(self, block: int) -> None:
         self.ref_count[block] -= 1
         if self.ref_count[block] == 0:
-            if self.cache is not None and block in self.cache.node_of_block:
+            if self._is_cached(block):
                 self.cache.mark_unreferenced(block)
             else:
                 self.free_blocks.append(block)

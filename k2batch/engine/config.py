@@ -27,7 +27,8 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     packed weights directly."""
     dtype: str = "float32"
     device: str = "cpu"
-    show_progress: bool = False
+    show_progress: bool | None = None
+    """Progress bar for `generate` (prefill and decode tokens/s); None: only on a terminal, for calls over a second."""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

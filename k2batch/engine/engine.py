@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -14,9 +14,10 @@ from tqdm import tqdm
 from k2batch.engine.block_manager import BlockManager
 from k2batch.engine.config import EngineConfig, SamplingParams
 from k2batch.engine.model_runner import ModelRunner, kv_block_bytes
+from k2batch.engine.prefix_cache import common_prefix_len
 from k2batch.engine.sampler import sample
 from k2batch.engine.scheduler import Scheduler
-from k2batch.engine.sequence import RequestOutput, Sequence, Status
+from k2batch.engine.sequence import RequestOutput, Sequence
 from k2batch.model import K2ForCausalLM, load_model
 from k2batch.model.layers import RoutedExperts
 
@@ -31,9 +32,12 @@ class EngineStats:
     cached_tokens: int = 0
     """Prompt tokens served from the prefix cache or carried over from a continued request."""
     decode_tokens: int = 0
+    """Sampled tokens run back through the model: one per decoding sequence per step."""
     preemptions: int = 0
     prefill_s: float = 0.0
+    """Seconds of the steps that ran prefill tokens (a step mixing prefill and decode counts in both)."""
     decode_s: float = 0.0
+    """Seconds of the steps that ran decode tokens."""
 
 
 class Engine:
@@ -70,10 +74,6 @@ class Engine:
         engine.eos_token_ids |= _generation_config_eos(path)
         return engine
 
-    @property
-    def num_kv_blocks(self) -> int:
-        return self.blocks.num_blocks
-
     # -- incremental API (agent loops) -------------------------------------------------------------------
 
     def add_request(
@@ -86,27 +86,25 @@ class Engine:
         continue_from: str | None = None,
     ) -> str:
         """Queue a request. `keep_kv` pins its KV blocks after it finishes; `continue_from` names such a pinned
-        request whose tokens this prompt extends, so only the new tokens are prefilled."""
+        request whose tokens this prompt extends: the KV of the tokens they share is reused, so only the new
+        tokens are prefilled."""
         request_id = request_id or f"req-{next(self._ids)}"
         prompt_ids = self._encode(prompt)
+        error = self._check(prompt_ids, params)
+        if error:
+            if continue_from:
+                self.release(continue_from)
+            self._finished.append(RequestOutput(request_id, prompt_ids or [], [], "error", error=error))
+            return request_id
         seq = Sequence(request_id, prompt_ids, params, keep_kv=keep_kv)
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._default_rng))
             seq.generator = torch.Generator().manual_seed(seed)
-        error = self._check(prompt_ids)
-        if error:
-            if continue_from:
-                self.release(continue_from)
-            self._finished.append(RequestOutput(request_id, prompt_ids, [], "error", error=error))
-            return request_id
-        if continue_from:
-            old = self.scheduler.kept.pop(continue_from, None)
-            if old is not None:
-                if prompt_ids[: old.num_computed] == old.tokens[: old.num_computed]:
-                    self.blocks.transfer(old, seq)
-                    seq.num_cached_prompt = seq.num_computed
-                else:
-                    self.blocks.free(old)
+        old = self.scheduler.kept.pop(continue_from, None) if continue_from else None
+        if old is not None:
+            # The last prompt token always runs (its logits pick the next token), even if its KV is there.
+            shared = common_prefix_len(old.tokens[: old.num_computed], prompt_ids[:-1])
+            self.blocks.transfer(old, seq, shared)
         self.scheduler.add(seq)
         return request_id
 
@@ -120,6 +118,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return the requests that finished (or were rejected) since the last step."""
         batch, unfit = self.scheduler.schedule()
+        self.stats.preemptions = self.scheduler.num_preemptions
         for seq in unfit:
             cap = self.blocks.num_blocks * self.config.block_size
             self._finished.append(self._output(seq, "error", f"request needs {len(seq)} tokens of KV cache, the cache holds {cap}"))
@@ -130,36 +129,32 @@ class Engine:
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> None:
         started = time.perf_counter()
-        for seq, _ in batch:
-            if seq.num_prefilled == 0 and seq.num_cached_prompt == 0 and seq.num_computed:
-                seq.num_cached_prompt = seq.num_computed  # prefix-cache hit at admission
         # A decode token is the one just sampled; everything else run through the model is prefill.
-        prefill = sum(
-            q_len for seq, q_len in batch if not (q_len == 1 and seq.output_ids and seq.num_computed == len(seq) - 1)
-        )
+        decode = sum(1 for seq, q_len in batch if q_len == 1 and seq.output_ids and seq.num_computed == len(seq) - 1)
+        prefill = sum(q_len for _, q_len in batch) - decode
         logits = self.runner.run(batch)
         ready = []
         for i, (seq, q_len) in enumerate(batch):
+            if seq.num_prefilled == 0:
+                self.stats.cached_tokens += seq.num_cached_prompt
+            if seq.copy_from is not None:
+                self.blocks.copy_done(seq)
             seq.num_computed += q_len
             seq.num_prefilled += q_len
             if seq.num_computed == len(seq):
                 ready.append(i)
-        elapsed = time.perf_counter() - started
-        self.stats.prefill_tokens += prefill
-        if prefill:
-            self.stats.prefill_s += elapsed
-        else:
-            self.stats.decode_s += elapsed
-        self.stats.steps += 1
-        if not ready:
-            return
         seqs = [batch[i][0] for i in ready]
-        tokens, logprobs = sample(logits[ready], seqs)
+        tokens, logprobs = sample(logits[ready], seqs) if ready else ([], [])
+        elapsed = time.perf_counter() - started  # after sampling, which waits for the device
+        self.stats.steps += 1
+        self.stats.prefill_tokens += prefill
+        self.stats.decode_tokens += decode
+        self.stats.prefill_s += elapsed if prefill else 0.0
+        self.stats.decode_s += elapsed if decode else 0.0
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.output_ids.append(token)
             if seq.params.logprobs:
                 seq.logprobs.append(logprob)
-            self.stats.decode_tokens += 1
             reason = self._stop_reason(seq, token)
             if reason:
                 self._finish(seq, reason)
@@ -168,7 +163,7 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        if p.stop and self.tokenizer is not None:
+        if p.stop:
             tail = self._detokenize(seq.output_ids[-(max(len(s) for s in p.stop) + 8) :])
             if any(s in tail for s in p.stop):
                 return "stop"
@@ -178,8 +173,6 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq)
-        self.stats.cached_tokens += seq.num_cached_prompt
-        self.stats.preemptions = self.scheduler.num_preemptions
         if seq.keep_kv:
             seq.num_computed = len(seq) - 1  # the last sampled token has not been through the model yet
             self.scheduler.keep(seq)
@@ -209,15 +202,18 @@ class Engine:
         # Embedding matrices are often padded past the tokenizer's vocabulary; such ids have no text.
         return self.tokenizer.decode([t for t in ids if t < self.tokenizer.vocab_size])
 
-    def _encode(self, prompt: str | Seq[int]) -> list[int]:
+    def _encode(self, prompt: str | Seq[int]) -> list[int] | None:
+        """Token ids of a prompt; None for text when there is no tokenizer (the request gets an error)."""
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; this engine has none, so pass token ids")
-            return self.tokenizer.encode_chat(prompt)
+            return self.tokenizer.encode_chat(prompt) if self.tokenizer is not None else None
         return [int(t) for t in prompt]
 
-    def _check(self, ids: list[int]) -> str | None:
+    def _check(self, ids: list[int] | None, params: SamplingParams) -> str | None:
         vocab = self.model.config.vocab_size
+        if ids is None:
+            return "a text prompt needs a tokenizer; this engine has none, so pass token ids"
+        if params.stop and self.tokenizer is None:
+            return "stop strings need a tokenizer; this engine has none, so pass stop_token_ids"
         if not ids:
             return "empty prompt"
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -245,24 +241,26 @@ class Engine:
         """
         params_list = list(params) if not isinstance(params, SamplingParams) else [params] * len(prompts)
         encoded = [self._encode(p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: encoded[i])
+        order = sorted(range(len(prompts)), key=lambda i: encoded[i] or [])
         ids = {}
         for i in order:
-            ids[self.add_request(encoded[i], params_list[i], request_id=f"gen-{next(self._ids)}")] = i
+            prompt = encoded[i] if encoded[i] is not None else prompts[i]
+            ids[self.add_request(prompt, params_list[i], request_id=f"gen-{next(self._ids)}")] = i
         results: list[RequestOutput | None] = [None] * len(prompts)
         show = self.config.show_progress if use_tqdm is None else use_tqdm
-        bar = tqdm(total=len(prompts), desc="generate", disable=not show, dynamic_ncols=True)
-        prefill0, decode0 = self.stats.prefill_tokens, self.stats.decode_tokens
-        t0 = time.perf_counter()
+        # disable=None: shown only when stderr is a terminal; the delay keeps short calls quiet.
+        disable = None if show is None else not show
+        bar = tqdm(total=len(prompts), desc="generate", disable=disable, delay=1.0, dynamic_ncols=True)
+        start = replace(self.stats)
         while self.has_unfinished():
-            for out in self.step():
+            finished = self.step()
+            for out in finished:
                 results[ids[out.request_id]] = out
-                bar.update(1)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(
-                prefill_tok_s=f"{(self.stats.prefill_tokens - prefill0) / elapsed:.0f}",
-                decode_tok_s=f"{(self.stats.decode_tokens - decode0) / elapsed:.0f}",
-            )
+            bar.update(len(finished))
+            s = self.stats
+            prefill = _rate(s.prefill_tokens - start.prefill_tokens, s.prefill_s - start.prefill_s)
+            decode = _rate(s.decode_tokens - start.decode_tokens, s.decode_s - start.decode_s)
+            bar.set_postfix_str(f"prefill {prefill:.0f} tok/s, decode {decode:.0f} tok/s", refresh=False)
         bar.close()
         return results  # type: ignore[return-value]
 
@@ -271,6 +269,10 @@ class Engine:
         if cache is None:
             return {"hit_blocks": 0, "miss_blocks": 0, "cached_blocks": 0}
         return {"hit_blocks": cache.hit_blocks, "miss_blocks": cache.miss_blocks, "cached_blocks": len(cache)}
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 def _generation_config_eos(path: str) -> frozenset[int]:

@@ -20,7 +20,8 @@ def kv_block_bytes(model: K2ForCausalLM, block_size: int) -> int:
 class PagedAttention:
     """Attention for one step over the paged cache of latents (kv_lora_rank + rope key per token per layer).
 
-    Each layer first writes the step's new latents, then attends, so a sequence may read blocks that another
+    Each layer first writes the step's new latents, then copies the latents that sequences reuse from inside
+    cached blocks (`Sequence.copy_from`), then attends, so a sequence may read or copy blocks that another
     sequence of the same step computes (two prompts sharing a prefix prefill it once). Decode tokens run in
     latent space with absorbed weights (MQA over 576-dim keys); prefill chunks up-project their context to
     per-head keys and values.
@@ -30,6 +31,7 @@ class PagedAttention:
         self.kv_cache = kv_cache  # [layers, blocks, block_size, dim]
         bs = kv_cache.shape[2]
         slots, decode_rows, decode_tables, decode_lens = [], [], [], []
+        source: dict[int, int] = {}  # copy destination slot -> slot written by this step's forward or earlier
         self.prefills: list[tuple[int, int, torch.Tensor]] = []  # (first row, query length, context slots)
         row = 0
         for seq, q_len in batch:
@@ -38,6 +40,11 @@ class PagedAttention:
             table = torch.tensor(seq.block_table, dtype=torch.long)
             ctx_slots = table[positions // bs] * bs + positions % bs
             slots.append(ctx_slots[start:])
+            if seq.copy_from is not None:
+                # A copy may read another copy's destination in the same step: point it at the original slot.
+                dst, src = seq.block_table[start // bs] * bs, seq.copy_from * bs
+                for i in range(start % bs):
+                    source[dst + i] = source.get(src + i, src + i)
             if q_len == 1:
                 decode_rows.append(row)
                 decode_tables.append(table)
@@ -46,6 +53,8 @@ class PagedAttention:
                 self.prefills.append((row, q_len, ctx_slots.to(device)))
             row += q_len
         self.slot_mapping = torch.cat(slots).to(device)
+        self.copy_dst = torch.tensor(list(source), dtype=torch.long, device=device)
+        self.copy_src = torch.tensor(list(source.values()), dtype=torch.long, device=device)
         self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
         if decode_rows:
             width = max(len(t) for t in decode_tables)
@@ -64,6 +73,8 @@ class PagedAttention:
         cache = self.kv_cache[layer]
         flat = cache.view(-1, cache.shape[-1])
         flat[self.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(flat.dtype)
+        if len(self.copy_dst):
+            flat[self.copy_dst] = flat[self.copy_src]
         out = q_nope.new_empty(q_nope.shape[0], mla.num_heads, mla.v_dim)
         if len(self.decode_rows):
             w_uk, w_uv = mla.absorbed()

@@ -6,7 +6,7 @@ from collections import OrderedDict, deque
 
 from k2batch.engine.block_manager import BlockManager
 from k2batch.engine.config import EngineConfig
-from k2batch.engine.sequence import Sequence, Status
+from k2batch.engine.sequence import Sequence
 
 
 class Scheduler:
@@ -50,7 +50,7 @@ class Scheduler:
         unfit: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if not seq.block_table:  # a continuation arrives with its predecessor's blocks
+            if seq.num_computed == 0:  # a continuation arrives with its predecessor's KV
                 self.blocks.match_prefix(seq)
             q_len = min(seq.num_pending, budget)
             if not self._allocate(seq, seq.num_computed + q_len):
@@ -60,8 +60,9 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
-            self.blocks.record_lookup(seq)
-            seq.status = Status.RUNNING
+            if seq.num_prefilled == 0:  # first admission; a preempted sequence resuming was counted already
+                seq.num_cached_prompt = seq.num_computed
+                self.blocks.record_lookup(seq)
             self.running.append(seq)
             self.blocks.commit(seq, seq.num_computed + q_len)
             batch.append((seq, q_len))
@@ -80,19 +81,15 @@ class Scheduler:
     def keep(self, seq: Sequence) -> None:
         self.kept[seq.request_id] = seq
 
-    def release(self, request_id: str) -> Sequence | None:
+    def release(self, request_id: str) -> None:
         seq = self.kept.pop(request_id, None)
         if seq is not None:
             self.blocks.free(seq)
-        return seq
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
-        seq.status = Status.WAITING
-        seq.preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        seq.status = Status.FINISHED
         self.running.remove(seq)

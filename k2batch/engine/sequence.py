@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
 from k2batch.engine.config import SamplingParams
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 @dataclass
@@ -22,19 +15,19 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     keep_kv: bool = False
-    status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens whose latent KV is in the cache (a prefix of `tokens`)."""
+    copy_from: int | None = None
+    """A cached block whose first `num_computed % block_size` latents the next forward copies into this
+    sequence's own block instead of recomputing them (a prefix that ends inside a block)."""
     num_cached_prompt: int = 0
     """Prompt tokens found in the prefix cache or carried over from a continued request, not prefilled."""
     num_prefilled: int = 0
-    finish_reason: str | None = None
-    text_offset: int = 0
+    """Tokens run through the model so far (0 until the sequence's first step)."""
     logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
-    preemptions: int = 0
 
     @property
     def tokens(self) -> list[int]:
