@@ -1,8 +1,9 @@
 """Offline throughput: transformers' batched generate vs the k2batch engine on the same random K2-shaped checkpoint.
 
 Both sides run in this process on the same weights (INT4 routed experts, dequantized for transformers) and the same
-ragged prompts, half of them sharing a long prefix. Prints output tokens/s of each, their ratio, and prefill tokens
-computed by the engine against the distinct prompt tokens (the trie minimum).
+ragged prompts, half of them sharing a long prefix. Checks that the engine's greedy outputs equal transformers', then
+prints output tokens/s of each, their ratio, and prefill tokens computed by the engine against the distinct prompt
+tokens (the trie minimum).
 
     python benchmarks/bench_engine.py                      # the issue's setting: 256 requests, 128 new tokens
     python benchmarks/bench_engine.py --requests 32 --new-tokens 16   # a quick look
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from k2batch.engine import Engine, EngineConfig, SamplingParams
+from k2batch.engine.prefix_cache import common_prefix_len
 from k2batch.model import load_model
 from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 
@@ -87,9 +89,17 @@ def make_prompts(n: int, prefix_len: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def run_transformers(hf, prompts: list[list[int]], new_tokens: int, batch_size: int) -> float:
-    """Batched greedy generate with left padding; returns seconds."""
+def distinct_prefixes(prompts: list[list[int]]) -> int:
+    """Distinct token prefixes among the prompts (the nodes of their token trie): the fewest tokens any prefill
+    can compute. In sorted order, each prompt adds the tokens past its longest common prefix with the one before."""
+    ordered = sorted(prompts)
+    return sum(len(p) - common_prefix_len(p, q) for p, q in zip(ordered, [[]] + ordered))
+
+
+def run_transformers(hf, prompts: list[list[int]], new_tokens: int, batch_size: int) -> tuple[float, list[list[int]]]:
+    """Batched greedy generate with left padding; returns seconds and the generated ids."""
     pad = K2_SHAPED["pad_token_id"]
+    outputs = []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -97,16 +107,17 @@ def run_transformers(hf, prompts: list[list[int]], new_tokens: int, batch_size: 
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         with torch.no_grad():
-            hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                        do_sample=False, pad_token_id=pad)  # fmt: skip
-    return time.perf_counter() - start
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=pad)  # fmt: skip
+        outputs.extend(out[:, width:].tolist())
+    return time.perf_counter() - start, outputs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prefix", type=int, default=256, help="tokens of the prefix shared by half the prompts")
+    ap.add_argument("--prefix", type=int, default=250, help="tokens of the prefix shared by half the prompts")
     ap.add_argument("--hf-batch", type=int, default=64, help="transformers batch size")
     ap.add_argument("--slots", type=int, default=128, help="engine decode slots")
     args = ap.parse_args()
@@ -117,21 +128,23 @@ def main() -> None:
         model = load_model(tmp)
     prompts = make_prompts(args.requests, args.prefix)
     out_tokens = args.requests * args.new_tokens
-    distinct = args.prefix + sum(len(p) - (args.prefix if i % 2 == 0 else 0) for i, p in enumerate(prompts))
+    distinct = distinct_prefixes(prompts)
 
-    hf_s = run_transformers(hf, prompts, args.new_tokens, args.hf_batch)
+    hf_s, hf_outputs = run_transformers(hf, prompts, args.new_tokens, args.hf_batch)
     config = EngineConfig(max_num_seqs=args.slots, max_num_batched_tokens=4096, dequantize_int4=True, kv_cache_gib=2.0)
     engine = Engine(model, config)
     start = time.perf_counter()
     outputs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True))
     engine_s = time.perf_counter() - start
     assert sum(len(o.token_ids) for o in outputs) == out_tokens
+    same = sum(o.token_ids == ref for o, ref in zip(outputs, hf_outputs))
 
     print(f"requests {args.requests}, new tokens {args.new_tokens}, prompt tokens {sum(map(len, prompts))}, "
           f"distinct prompt tokens {distinct}, threads {torch.get_num_threads()}")  # fmt: skip
     print(f"transformers generate (batch {args.hf_batch}): {hf_s:8.1f} s  {out_tokens / hf_s:8.1f} output tok/s")
     print(f"k2batch engine ({args.slots} slots):       {engine_s:8.1f} s  {out_tokens / engine_s:8.1f} output tok/s")
     print(f"ratio engine / transformers: {hf_s / engine_s:.2f}x")
+    print(f"greedy outputs equal to transformers': {same}/{args.requests} requests")
     extra = engine.stats.prefill_tokens / distinct - 1
     print(f"engine prefill tokens {engine.stats.prefill_tokens} vs distinct {distinct}: {extra:+.1%} "
           f"(cached {engine.stats.cached_tokens}, prefix-cache hits {engine.prefix_cache_stats()})")  # fmt: skip
