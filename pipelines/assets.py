@@ -179,7 +179,7 @@ def run_shard_step(
         context.log.info(f"shard {shard.index} is complete under {task.output_uri}; skipping it")
         manifest = read_json(manifest_uri(task.output_uri, shard.index), options, type=ShardManifest)
     else:
-        loaded = engine.load(config.model, config.engine)
+        loaded = engine.load(config.model, config.engine, config.storage.options)
         before = msgspec.to_builtins(loaded.stats)
         try:
             manifest = run_shard(loaded, shard, task.output_uri, config, attempt=context.retry_number + 1)

@@ -86,20 +86,20 @@ class EngineResource(dg.ConfigurableResource):
     )
     _engines: dict[bytes, Engine] = PrivateAttr(default_factory=dict)
 
-    def load(self, model: str, config: EngineConfig) -> Engine:
+    def load(self, model: str, config: EngineConfig, storage_options: dict[str, Any] | None = None) -> Engine:
         """The engine for `model` with `config`, built on first use in this process."""
-        key = msgspec.json.encode((model, config))
+        key = msgspec.json.encode((model, config, storage_options))
         if key not in self._engines:
             self._engines.clear()  # one model in memory at a time
             if self.torch_threads:
                 import torch
 
                 torch.set_num_threads(self.torch_threads)
-            self._engines[key] = self.build(model, config)
+            self._engines[key] = self.build(model, config, storage_options)
         return self._engines[key]
 
-    def build(self, model: str, config: EngineConfig) -> Engine:
-        return Engine.from_pretrained(model, config)
+    def build(self, model: str, config: EngineConfig, storage_options: dict[str, Any] | None = None) -> Engine:
+        return Engine.from_pretrained(model, config, storage_options)
 
     def discard(self) -> None:
         """Drop the loaded engine: after a failure mid-shard its state is unknown, so a retry loads afresh."""

@@ -164,7 +164,7 @@ def run_batch(
     log.info("%d shards, %d complete, %d to run", len(plan.shards), len(done), len(todo))
     started = time.perf_counter()
     if todo:
-        engine = engine or Engine.from_pretrained(config.model, config.engine)
+        engine = engine or Engine.from_pretrained(config.model, config.engine, config.storage.options)
         for shard in todo:
             manifest = run_shard(engine, shard, output_uri, config)
             log.info("shard %d: %s", shard.index, manifest.rows_by_status)

@@ -74,7 +74,7 @@ def replay_job(output_uri: str, job_id: str, config: BatchConfig, engine: Engine
     traces = _scan(output_uri, "traces", config).filter(pl.col("job_id") == job_id).collect()
     spans = [msgspec.convert({k: v for k, v in r.items() if k in names}, TraceSpan) for r in traces.to_dicts()]
     spec = recorded_spec(job_id, result["task"][0], spans)
-    engine = engine or Engine.from_pretrained(config.model, config.engine)
+    engine = engine or Engine.from_pretrained(config.model, config.engine, config.storage.options)
     (outcome,) = run_episodes(engine, engine.tokenizer, [spec], recorded_caller(spans))
     recorded = sorted((s for s in spans if s.operation == "chat"), key=lambda s: s.step)
     replayed = [s for s in outcome.spans if s.operation == "chat"]

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -68,10 +69,13 @@ class Engine:
         self._default_rng = torch.Generator().manual_seed(0)
 
     @classmethod
-    def from_pretrained(cls, path: str, config: EngineConfig = EngineConfig()) -> Engine:
-        model = load_model(path, dtype=config.dtype, device=config.device)
-        engine = cls(model, config, _load_tokenizer_if_present(path))
-        engine.eos_token_ids |= _generation_config_eos(path)
+    def from_pretrained(
+        cls, path: str, config: EngineConfig = EngineConfig(), storage_options: dict[str, Any] | None = None
+    ) -> Engine:
+        """The engine over a checkpoint directory or fsspec URI (`storage_options` for object stores)."""
+        model = load_model(path, dtype=config.dtype, device=config.device, storage_options=storage_options)
+        engine = cls(model, config, _load_tokenizer_if_present(path, storage_options))
+        engine.eos_token_ids |= _generation_config_eos(path, storage_options)
         return engine
 
     # -- incremental API (agent loops) -------------------------------------------------------------------
@@ -275,13 +279,13 @@ def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
-def _generation_config_eos(path: str) -> frozenset[int]:
+def _generation_config_eos(path: str, storage_options: dict[str, Any] | None) -> frozenset[int]:
     """End-of-sequence ids from generation_config.json (chat models end turns with e.g. <|im_end|>)."""
     import json
 
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     name = f"{root.rstrip('/')}/generation_config.json"
     if not fs.exists(name):
         return frozenset()
@@ -290,14 +294,14 @@ def _generation_config_eos(path: str) -> frozenset[int]:
     return frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-def _load_tokenizer_if_present(path: str):
+def _load_tokenizer_if_present(path: str, storage_options: dict[str, Any] | None):
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     if not names & {"tokenizer.json", "tiktoken.model"}:
         log.info("%s has no tokenizer files; the engine takes token ids only", path)
         return None
     from k2batch.tokenizer import load_tokenizer
 
-    return load_tokenizer(path)
+    return load_tokenizer(path, storage_options)

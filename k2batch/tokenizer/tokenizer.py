@@ -212,13 +212,14 @@ class HFTokenizer(Tokenizer):
         return self._chat.id_to_token(token_id)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of a checkpoint directory (local path or fsspec URI): tiktoken.model or tokenizer.json.
+def load_tokenizer(path: str, storage_options: dict[str, Any] | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (local path or fsspec URI, `storage_options` for object stores):
+    tiktoken.model or tokenizer.json.
 
     tiktoken.model wins when both exist: it is what Kimi ships, a tokenizer.json beside it is a conversion.
     The chat template comes from chat_template.jinja, else from tokenizer_config.json.
     """
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     root = root.rstrip("/")
 
     def read(name: str) -> bytes | None:

@@ -7,6 +7,7 @@ import json
 import msgspec
 import polars as pl
 import pyarrow as pa
+import s3fs
 
 from k2batch import storage
 from k2batch.agent.batch import run_batch
@@ -55,8 +56,11 @@ def test_cli_run_and_inspect_on_s3(k2_checkpoint, s3_bucket, s3_endpoint, tmp_pa
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     storage.write_parquet_atomic(f"{inputs}/jobs.parquet", JOBS, {**options, "key": "testing", "secret": "testing"})
+    # The model is on S3 too: the engine loads it (weights, tokenizer, generation config) with the same options.
+    model = f"{s3_bucket}/models/k2"
+    s3fs.S3FileSystem(**options, key="testing", secret="testing").put(f"{k2_checkpoint}/", f"{model}/", recursive=True)
     (tmp_path / "s3.toml").write_text(
-        f'model = "{k2_checkpoint}"\n[engine]\nmax_num_seqs = 4\nnum_kv_blocks = 256\n'
+        f'model = "{model}"\n[engine]\nmax_num_seqs = 4\nnum_kv_blocks = 256\n'
         "[sampling]\ntemperature = 0.0\nmax_new_tokens = 8\n[agent]\nmax_steps = 2\n"
         '[tools]\nenabled = ["calculator"]\n[shards]\nrows_per_shard = 2\n'
         f'[storage.options]\nendpoint_url = "{s3_endpoint}"\nclient_kwargs = {{region_name = "eu-west-1"}}\n'

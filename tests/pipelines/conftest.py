@@ -38,8 +38,8 @@ def batch_model(k2_checkpoint) -> str:
 class ScriptedEngine(EngineResource):
     """The real engine, with every episode's first step forced to call tools (tests/agent's policy)."""
 
-    def build(self, model: str, config: EngineConfig) -> Engine:
-        engine = super().build(model, config)
+    def build(self, model: str, config: EngineConfig, storage_options=None) -> Engine:
+        engine = super().build(model, config, storage_options)
         if not os.environ.get("K2BATCH_TEST_MODEL"):
             script_first_step(engine, engine.tokenizer.encode_chat(CALLS))
         return engine

@@ -138,8 +138,8 @@ class FlakyEngine(ScriptedEngine):
 
     failed: ClassVar[list[bool]] = []
 
-    def build(self, model: str, config: EngineConfig) -> Engine:
-        engine = super().build(model, config)
+    def build(self, model: str, config: EngineConfig, storage_options=None) -> Engine:
+        engine = super().build(model, config, storage_options)
         step = engine.step
 
         def flaky_step():
@@ -235,9 +235,9 @@ def test_readme_polars_snippet_reads_the_outputs(materialized, capsys):
 class CountingEngine(ScriptedEngine):
     builds: ClassVar[list[str]] = []
 
-    def build(self, model: str, config: EngineConfig) -> Engine:
+    def build(self, model: str, config: EngineConfig, storage_options=None) -> Engine:
         CountingEngine.builds.append(model)
-        return super().build(model, config)
+        return super().build(model, config, storage_options)
 
 
 def test_model_loads_once_per_run_process(batch_model, tmp_path):
