@@ -92,4 +92,5 @@ def test_a_run_killed_mid_batch_resumes_without_duplicates_or_recompute(k2_check
     for index, attempt in attempts.items():
         name = f"shard={index:05d}"
         assert attempt == (1 if name in done else starts.get(name, 0) + 1), name
-    assert sorted(attempts.values()).count(2) == 1  # the shard the kill interrupted
+    # At most the one shard the kill interrupted (none, if it landed between two shards).
+    assert sorted(attempts.values()).count(2) <= 1
