@@ -81,6 +81,7 @@ def inspect_table(output: str, config_path: str | None) -> pl.DataFrame:
     manifest) per second of their run time."""
     from k2batch.agent.batch import scan_results
     from k2batch.config import load_config
+    from k2batch.metrics import api_cost, cache_hit_rate, token_totals
     from k2batch.shards import read_manifests
 
     config = load_config(config_path)
@@ -89,21 +90,8 @@ def inspect_table(output: str, config_path: str | None) -> pl.DataFrame:
     manifests = read_manifests(output, options)
     run_s = sum(m.timings.get("run_s", 0.0) for m in manifests)
     complete = pl.col("shard").is_in([m.shard for m in manifests])
-    uncached = pl.col("prompt_tokens") - pl.col("cached_prompt_tokens")
-    sums = dict(
-        jobs=pl.len(),
-        steps=pl.col("steps").sum(),
-        tool_calls=pl.col("tool_calls").sum(),
-        prompt_tokens=pl.col("prompt_tokens").sum(),
-        cached_prompt_tokens=pl.col("cached_prompt_tokens").sum(),
-        completion_tokens=pl.col("completion_tokens").sum(),
-        reasoning_tokens=pl.col("reasoning_tokens").sum(),
-        cost_usd=(
-            uncached * prices.input + pl.col("cached_prompt_tokens") * prices.cached_input
-            + pl.col("completion_tokens") * prices.output
-        ).sum() / 1e6,
-    )  # fmt: skip
-    hit_rate = pl.col("cached_prompt_tokens") / pl.col("prompt_tokens").clip(lower_bound=1)
+    sums = {**token_totals(), "cost_usd": api_cost(prices).sum()}
+    hit_rate = cache_hit_rate()
     groups = (
         results.group_by("status", "task")
         .agg(**sums)
@@ -150,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the same weights before INT4 quantization")  # fmt: skip
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps before quantization-aware training")
     p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
-    p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
+    p.add_argument("--jobs", type=int, default=32000, help="training jobs (gold episodes) to generate")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")

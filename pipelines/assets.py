@@ -11,7 +11,7 @@ import dagster as dg
 import msgspec
 from pydantic import Field
 
-from k2batch.agent.batch import run_shard, summarize
+from k2batch.agent.batch import run_shard, scan_results, summarize
 from k2batch.agent.tools import TOOLS
 from k2batch.config import BatchConfig, ConfigError, StorageConfig, config_hash
 from k2batch.records import Result, validate_jobs
@@ -257,7 +257,7 @@ def batch_report(
         "engine": engine_work(shard_results),
     }
     write_json_atomic(summary_uri(output), summary, options)
-    results = report.scan_results(output, options)
+    results = scan_results(output, options)
     tasks = report.tasks_table(results, batch_config.prices)
     totals = report.totals(summary, tasks)
     by_status = summary["rows_by_status"]

@@ -8,26 +8,9 @@ from typing import Any
 import polars as pl
 
 from k2batch.config import PricesConfig
-from k2batch.storage import StorageOptions, join, polars_storage_options
+from k2batch.metrics import api_cost, cache_hit_rate, token_totals
 
 BAR_WIDTH = 30
-
-
-def scan_results(output_uri: str, options: StorageOptions = None) -> pl.LazyFrame:
-    return pl.scan_parquet(
-        join(output_uri, "results", "**", "*.parquet"),
-        hive_partitioning=True,
-        storage_options=polars_storage_options(output_uri, options) or None,
-    )
-
-
-def api_cost(prices: PricesConfig) -> pl.Expr:
-    """US dollars the tokens of a row would cost at the API's list prices (cached input is cheaper)."""
-    uncached = pl.col("prompt_tokens") - pl.col("cached_prompt_tokens")
-    return (
-        uncached * prices.input + pl.col("cached_prompt_tokens") * prices.cached_input
-        + pl.col("completion_tokens") * prices.output
-    ) / 1e6  # fmt: skip
 
 
 def tasks_table(results: pl.LazyFrame, prices: PricesConfig) -> pl.DataFrame:
@@ -35,16 +18,8 @@ def tasks_table(results: pl.LazyFrame, prices: PricesConfig) -> pl.DataFrame:
     return (
         results.with_columns(task=pl.col("task").fill_null("(none)"), cost_usd=api_cost(prices))
         .group_by("task")
-        .agg(
-            jobs=pl.len(),
-            steps=pl.col("steps").sum(),
-            tool_calls=pl.col("tool_calls").sum(),
-            prompt_tokens=pl.col("prompt_tokens").sum(),
-            cached_prompt_tokens=pl.col("cached_prompt_tokens").sum(),
-            completion_tokens=pl.col("completion_tokens").sum(),
-            cost_usd=pl.col("cost_usd").sum(),
-        )
-        .with_columns(cache_hit_rate=pl.col("cached_prompt_tokens") / pl.col("prompt_tokens").clip(lower_bound=1))
+        .agg(**token_totals(), cost_usd=pl.col("cost_usd").sum())
+        .with_columns(cache_hit_rate=cache_hit_rate())
         .sort("task")
         .collect()
     )

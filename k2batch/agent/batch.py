@@ -15,6 +15,7 @@ from k2batch.agent.episode import Budgets, EpisodeOutcome, EpisodeSpec, registry
 from k2batch.agent.tools import TOOLS, ToolContext, ToolRegistry, ToolSettings
 from k2batch.config import BatchConfig, config_hash, load_config
 from k2batch.engine import Engine
+from k2batch.metrics import token_totals
 from k2batch.records import RESULT_SCHEMA, Job, RunInfo, results_table, traces_table, validate_jobs
 from k2batch.shards import (
     Shard,
@@ -134,15 +135,7 @@ def scan_results(output_uri: str, options: dict[str, Any] | None = None) -> pl.L
 def summarize(output_uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Batch totals from the results of every shard (zeros for a batch without rows)."""
     results = scan_results(output_uri, options)
-    totals = results.select(
-        rows=pl.len(),
-        steps=pl.col("steps").sum(),
-        tool_calls=pl.col("tool_calls").sum(),
-        prompt_tokens=pl.col("prompt_tokens").sum(),
-        cached_prompt_tokens=pl.col("cached_prompt_tokens").sum(),
-        completion_tokens=pl.col("completion_tokens").sum(),
-        reasoning_tokens=pl.col("reasoning_tokens").sum(),
-    ).collect()
+    totals = results.select(**token_totals()).rename({"jobs": "rows"}).collect()
     by_status = results.group_by("status").len().collect()
     return {
         **totals.row(0, named=True),
