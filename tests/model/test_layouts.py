@@ -67,9 +67,12 @@ def test_load_as_fp16(tmp_path):
         expected_fp16 = copy.deepcopy(hf).half()(ids).logits.float()
     got = model.score(ids)
     assert got.dtype == torch.float16
-    # fp16 rounding (about 1% of the mean logit here, transformers' own fp16 run included) can flip a near-tied
-    # expert choice, so compare in aggregate: to transformers in fp16, and the argmax to float32.
-    assert ((got.float() - expected_fp16).abs().mean() / expected.abs().mean()).item() < 0.005
+    # fp16 rounding can flip a near-tied expert choice (transformers' own fp16 run flips some against its
+    # float32 run), and a flipped token's logits move by half their size. So compare per token: nearly every
+    # token within 0.5% of transformers in fp16 (both round the same way), and the argmax to float32.
+    per_token = (got.float() - expected_fp16).abs().mean(-1).flatten() / expected.abs().mean()
+    assert (per_token < 0.005).float().mean() > 0.9
+    assert per_token.median() < 0.003
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
 
 
