@@ -106,7 +106,8 @@ def run_shard(
         registry, contexts, {spec.job_id: spec.tools for spec in specs},
         timeout_s=config.agent.tool_timeout_s, max_result_chars=config.agent.max_tool_result_chars,
     )  # fmt: skip
-    bar = tqdm(total=shard.num_rows, initial=len(invalid), desc=f"shard {shard.index}", dynamic_ncols=True)
+    # disable=None: a bar on a terminal, nothing in a log file or a Dagster step's captured output.
+    bar = tqdm(total=shard.num_rows, initial=len(invalid), desc=f"shard {shard.index}", dynamic_ncols=True, disable=None)
 
     def done(outcome: EpisodeOutcome) -> None:
         bar.update(1)
