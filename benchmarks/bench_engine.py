@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from k2batch.engine import Engine, EngineConfig, SamplingParams
 from k2batch.engine.prefix_cache import common_prefix_len
 from k2batch.model import load_model
+from k2batch.model.layers import Router
 from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 
 K2_SHAPED = dict(
@@ -113,6 +115,33 @@ def run_transformers(hf, prompts: list[list[int]], new_tokens: int, batch_size: 
     return time.perf_counter() - start, outputs
 
 
+def divergence(model, prompt: list[int], got: list[int], ref: list[int], index: int) -> str:
+    """Where two greedy outputs part, scored again alone in float32: the gap between the two tokens' logits, which
+    side the lone forward agrees with, and the smallest margin between the k-th and (k+1)-th expert of any MoE layer
+    at that step. A margin near float32 rounding is a routing tie that batch-dependent rounding decides either way
+    (a flipped expert moves the logits by a large amount); a wide margin with a large logit gap would be a bug."""
+    at = common_prefix_len(got, ref)
+    margins = []
+
+    def hook(router, args, _out):
+        x = args[0][-1:].float()
+        choice = F.linear(x, router.weight.float()).sigmoid() + router.e_score_correction_bias
+        top = choice.topk(router.top_k + 1, dim=-1).values[0]
+        margins.append((top[-2] - top[-1]).item())
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Router)]
+    try:
+        logits = model.score(torch.tensor([prompt + ref[:at]]))[0, -1].float()
+    finally:
+        for h in hooks:
+            h.remove()
+    best = int(logits.argmax())
+    side = "engine" if best == got[at] else "transformers" if best == ref[at] else "neither"
+    return (f"request {index}: first differs at output token {at} (engine {got[at]}, transformers {ref[at]}); "
+            f"logit gap {abs(logits[got[at]] - logits[ref[at]]).item():.2e} of scale {logits.abs().mean().item():.2e}, "
+            f"the lone forward agrees with {side}; smallest expert top-k margin {min(margins):.1e}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=256)
@@ -145,6 +174,9 @@ def main() -> None:
     print(f"k2batch engine ({args.slots} slots):       {engine_s:8.1f} s  {out_tokens / engine_s:8.1f} output tok/s")
     print(f"ratio engine / transformers: {hf_s / engine_s:.2f}x")
     print(f"greedy outputs equal to transformers': {same}/{args.requests} requests")
+    for i, (o, ref) in enumerate(zip(outputs, hf_outputs)):
+        if o.token_ids != ref:
+            print("  " + divergence(model, prompts[i], o.token_ids, ref, i))
     extra = engine.stats.prefill_tokens / distinct - 1
     print(f"engine prefill tokens {engine.stats.prefill_tokens} vs distinct {distinct}: {extra:+.1%} "
           f"(cached {engine.stats.cached_tokens}, prefix-cache hits {engine.prefix_cache_stats()})")  # fmt: skip
