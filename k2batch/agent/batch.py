@@ -107,7 +107,8 @@ def run_shard(
         timeout_s=config.agent.tool_timeout_s, max_result_chars=config.agent.max_tool_result_chars,
     )  # fmt: skip
     # disable=None: a bar on a terminal, nothing in a log file or a Dagster step's captured output.
-    bar = tqdm(total=shard.num_rows, initial=len(invalid), desc=f"shard {shard.index}", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=shard.num_rows, initial=len(invalid), desc=f"shard {shard.index}", dynamic_ncols=True,
+               disable=None)  # fmt: skip
 
     def done(outcome: EpisodeOutcome) -> None:
         bar.update(1)
