@@ -124,7 +124,7 @@ def replay(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2batch", description="Offline batch inference for Kimi K2-family models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the demo batch on the embedded default")
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the same weights before INT4 quantization")  # fmt: skip
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps before quantization-aware training")
     p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
-    p.add_argument("--jobs", type=int, default=32000, help="training jobs (gold episodes) to generate")
+    # The defaults are the committed checkpoint's recipe (workspace/models/k2-demo/training.json).
+    p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")
@@ -158,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--job", required=True)
     p.add_argument("--config", help="the TOML the batch ran with")
     p.set_defaults(func=replay)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from k2batch.config import ConfigError
     from k2batch.shards import InputError

@@ -46,3 +46,12 @@ def test_demo_command_answers_held_out_jobs(tmp_path, monkeypatch, capsys):
     # right answer's facts come from its tool results.
     assert table["correct"].sum() >= 5
     assert table.filter("correct")["traceable"].all()
+
+
+def test_train_demo_defaults_reproduce_the_committed_checkpoint():
+    """`k2batch train-demo --seed 0`, the command workspace/README.md gives, runs the recipe training.json records."""
+    recorded = json.loads((DEMO / "training.json").read_text())
+    args = cli.build_parser().parse_args(["train-demo", "--seed", str(recorded["seed"])])
+    assert (args.jobs, args.steps, args.qat_steps, args.qk_clip) == (
+        recorded["num_jobs"], recorded["steps"], recorded["qat_steps"], recorded["qk_clip_threshold"]
+    )  # fmt: skip
