@@ -59,7 +59,7 @@ def train_demo(args: argparse.Namespace) -> None:
     summary = train(
         args.out, seed=args.seed, steps=args.steps, qat_steps=args.qat_steps, num_jobs=args.jobs,
         bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
-        qk_clip_threshold=args.qk_clip, device=args.device,
+        qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
     # The defaults are the committed checkpoint's recipe (workspace/models/k2-demo/training.json).
     p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
+    p.add_argument("--fresh-worlds", type=int, default=0,
+                   help="spread the jobs over this many fresh worlds instead of the demo world's training entities")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")

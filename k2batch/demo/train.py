@@ -259,19 +259,43 @@ def write_generation_config(path: Path, special: dict[str, int]) -> None:
          "temperature": 1.0, "top_p": 0.95}, indent=2))  # fmt: skip
 
 
-def build_data(num_jobs: int, seed: int, corpus: str | Path | None = None) -> list[list[tuple[str, bool]]]:
-    """Gold episodes of `num_jobs` training jobs (training entities only), tool results from the real tools."""
+FRESH_WORLD_SEED = 1_000_000  # fresh world i of training seed s is make_world(FRESH_WORLD_SEED + 1000 * s + i)
+
+
+def build_data(
+    num_jobs: int, seed: int, corpus: str | Path | None = None, *, fresh_worlds: int = 0,
+    work_dir: str | Path | None = None,
+) -> list[list[tuple[str, bool]]]:  # fmt: skip
+    """Gold episodes of `num_jobs` training jobs, tool results from the real tools.
+
+    With `fresh_worlds` = 0, over the demo world's training entities (the committed recipe). Otherwise spread
+    over that many fresh worlds, each with its own corpus under `work_dir`, whose names share no word with the
+    demo world: entities seldom repeat, so the model cannot answer from memory and must copy what the tools
+    return, as it has to on held-out entities."""
     from k2batch.config import load_config
     from k2batch.demo.data import training_pieces
     from k2batch.demo.tasks import make_jobs
-    from k2batch.demo.world import make_world, write_corpus
+    from k2batch.demo.world import make_world, name_words, write_corpus
 
     config = load_config()
     world = make_world()
-    corpus = Path(corpus or config.tools.search_corpus)
-    if not corpus.exists():
-        write_corpus(world, corpus)
-    return training_pieces(make_jobs(world, num_jobs, seed, held_out=False, prefix="train"), world, config, corpus, None)
+    if not fresh_worlds:
+        corpus = Path(corpus or config.tools.search_corpus)
+        if not corpus.exists():
+            write_corpus(world, corpus)
+        jobs = make_jobs(world, num_jobs, seed, held_out=False, prefix="train")
+        return training_pieces(jobs, world, config, corpus, None)
+    if work_dir is None:
+        raise ValueError("fresh_worlds needs a work_dir for their corpora")
+    reserved = name_words(world)
+    episodes: list[list[tuple[str, bool]]] = []
+    for i in range(fresh_worlds):
+        fresh = make_world(FRESH_WORLD_SEED + 1000 * seed + i, held_out_fraction=0.0, reserved=reserved)
+        fresh_corpus = write_corpus(fresh, Path(work_dir) / f"fresh-{seed}-{i}.parquet")
+        count = num_jobs // fresh_worlds + (i < num_jobs % fresh_worlds)
+        jobs = make_jobs(fresh, count, seed + i, held_out=False, prefix=f"train{i}")
+        episodes += training_pieces(jobs, fresh, config, fresh_corpus, None)
+    return episodes
 
 
 def train_demo(
@@ -282,6 +306,7 @@ def train_demo(
     corpus: str | Path | None = None,
     bf16_out: str | Path | None = None,
     threads: int | None = None,
+    fresh_worlds: int = 0,
     **train_options,
 ) -> dict:
     """Build the data, train the tokenizer and the model, export; returns a summary of the run."""
@@ -289,7 +314,8 @@ def train_demo(
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
-    episodes = build_data(num_jobs, seed, corpus)
+    data_dir = out.with_name(out.name + "-data")  # the fresh worlds' corpora, if any
+    episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir)
     tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
     special = save_tokenizer(tokenizer, out)
     examples = tokenize_episodes(tokenizer, episodes)
@@ -302,7 +328,7 @@ def train_demo(
         export(model, config, bf16_out, int4_experts=False)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             (bf16_out / name).write_bytes((out / name).read_bytes())
-    summary.update(num_jobs=num_jobs, episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
+    summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
                    threads=torch.get_num_threads())  # fmt: skip
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary

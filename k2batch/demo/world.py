@@ -43,10 +43,11 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 
 def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, num_people: int = 900,
-               held_out_fraction: float = 0.15) -> World:  # fmt: skip
-    """Invented entities with unique names; every fact is drawn from `seed` alone."""
+               held_out_fraction: float = 0.15, reserved: frozenset[str] = frozenset()) -> World:  # fmt: skip
+    """Invented entities with unique names; every fact is drawn from `seed` alone. No name uses a word of
+    `reserved` (the demo world's name words, for a training world that must not meet its held-out entities)."""
     rng = random.Random(seed)
-    used: set[str] = set()
+    used: set[str] = set(reserved)
 
     def unique(make) -> str:
         while True:
@@ -78,6 +79,11 @@ def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, n
     rng.shuffle(order)
     held_out = frozenset(entities[i].name for i in order[: int(len(entities) * held_out_fraction)])
     return World(entities, held_out)
+
+
+def name_words(world: World) -> frozenset[str]:
+    """The words of the world's names (company suffixes aside): what another world passes as `reserved`."""
+    return frozenset(w for e in world.entities for w in e.name.split() if w not in COMPANY_SUFFIXES)
 
 
 def document(entity: Entity) -> str:

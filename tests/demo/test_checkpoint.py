@@ -52,6 +52,7 @@ def test_train_demo_defaults_reproduce_the_committed_checkpoint():
     """`k2batch train-demo --seed 0`, the command workspace/README.md gives, runs the recipe training.json records."""
     recorded = json.loads((DEMO / "training.json").read_text())
     args = cli.build_parser().parse_args(["train-demo", "--seed", str(recorded["seed"])])
-    assert (args.jobs, args.steps, args.qat_steps, args.qk_clip) == (
-        recorded["num_jobs"], recorded["steps"], recorded["qat_steps"], recorded["qk_clip_threshold"]
+    assert (args.jobs, args.steps, args.qat_steps, args.qk_clip, args.fresh_worlds) == (
+        recorded["num_jobs"], recorded["steps"], recorded["qat_steps"], recorded["qk_clip_threshold"],
+        recorded.get("fresh_worlds", 0),
     )  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from k2batch.agent.tools import TOOLS
 from k2batch.config import load_config
@@ -71,3 +72,24 @@ def test_episode_pieces_are_what_the_episode_loop_renders_and_parses(world, corp
             c["function"]["arguments"] for c in message.get("tool_calls", [])
         ]
     assert json.loads(parse_assistant(pieces[3][0]).tool_calls[0].arguments)["expression"].count("-") >= 1
+
+
+def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
+    """Training episodes over fresh worlds: real searches over their own corpora, and not one name word of the
+    demo world (whose held-out entities evaluation uses) in any of them."""
+    from k2batch.demo.train import build_data
+    from k2batch.demo.world import name_words
+
+    demo = make_world()
+    reserved = name_words(demo)
+    fresh = make_world(11, num_cities=40, num_companies=60, num_people=60, reserved=reserved)
+    assert not name_words(fresh) & reserved
+    assert make_world(11, num_cities=40, num_companies=60, num_people=60) != fresh
+
+    episodes = build_data(24, seed=0, fresh_worlds=2, work_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh-0-0.parquet", "fresh-0-1.parquet"]
+    assert len(episodes) >= 20  # a job whose search misses its document has no gold episode
+    text = "".join(piece for pieces in episodes for piece, _ in pieces)
+    assert "Return of functions.search" in text and "Return of functions.calculator" in text
+    assert not any(word in reserved for word in re.findall(r"[A-Z][a-z]+", text))
+    assert not any(re.search(rf"\b{re.escape(name)}\b", text) for name in demo.held_out)
