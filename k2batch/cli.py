@@ -124,6 +124,14 @@ def replay(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2batch", description="Offline batch inference for Kimi K2-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
     # The defaults are the committed checkpoint's recipe (workspace/models/k2-demo/training.json).
     p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
-    p.add_argument("--fresh-worlds", type=int, default=0,
+    p.add_argument("--fresh-worlds", type=_count, default=0,
                    help="spread the jobs over this many fresh worlds instead of the demo world's training entities")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -285,6 +285,8 @@ def build_data(
             write_corpus(world, corpus)
         jobs = make_jobs(world, num_jobs, seed, held_out=False, prefix="train")
         return training_pieces(jobs, world, config, corpus, None)
+    if fresh_worlds < 0:
+        raise ValueError(f"fresh_worlds must be >= 0, got {fresh_worlds}")
     if work_dir is None:
         raise ValueError("fresh_worlds needs a work_dir for their corpora")
     reserved = name_words(world)

@@ -56,3 +56,9 @@ def test_train_demo_defaults_reproduce_the_committed_checkpoint():
         recorded["num_jobs"], recorded["steps"], recorded["qat_steps"], recorded["qk_clip_threshold"],
         recorded.get("fresh_worlds", 0),
     )  # fmt: skip
+
+
+def test_train_demo_rejects_a_negative_number_of_fresh_worlds(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train-demo", "--fresh-worlds", "-1"])
+    assert "--fresh-worlds: must be >= 0, got -1" in capsys.readouterr().err
