@@ -60,6 +60,7 @@ def train_demo(args: argparse.Namespace) -> None:
         args.out, seed=args.seed, steps=args.steps, qat_steps=args.qat_steps, num_jobs=args.jobs,
         bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
         qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
+        share_prefix=args.share_prefix,
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")
     p.add_argument("--snapshot-every", type=int, default=0, help="also export OUT-snapshot every N steps")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="run every episode's whole prompt, not a batch's shared prefix once (same loss, slower)")  # fmt: skip
     p.set_defaults(func=train_demo)
     p = sub.add_parser("run", help="run a batch of jobs (Parquet) to results and traces (Parquet)")
     p.add_argument("--input", required=True, help="Parquet file or prefix of the jobs")

@@ -92,6 +92,55 @@ class TrainingAttention:
         return out.transpose(1, 2).reshape(b * t, mla.num_heads, -1)
 
 
+class SharedPrefixAttention:
+    """TrainingAttention for B sequences that begin with the same P tokens (the system prompt and tool schemas
+    every episode carries), with that prefix computed once: the forward holds P + B*S flattened tokens, the prefix
+    and then each sequence's own S tokens. The prefix attends causally to itself; each suffix to all of the prefix
+    and causally to itself. Outputs, gradients and the largest logits equal TrainingAttention's on the B full
+    sequences (the prefix's gradient is the sum over the sequences, as autograd gives it through `expand`)."""
+
+    def __init__(self, prefix: int, batch: int, suffix_len: int):
+        self.prefix, self.batch, self.suffix_len = prefix, batch, suffix_len
+        self.max_logits: dict[int, torch.Tensor] = {}
+        self.masks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, layer, mla, q_nope, q_pe, latent, k_pe):
+        k_nope, v = mla.expand_kv(latent)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
+        p, b, s, h = self.prefix, self.batch, self.suffix_len, mla.num_heads
+        qp, kp, vp = (x[:p].view(1, p, h, -1).transpose(1, 2) for x in (q, k, v))
+        qs, ks, vs = (x[p:].view(b, s, h, -1).transpose(1, 2) for x in (q, k, v))
+        keys = torch.cat((kp.expand(b, -1, -1, -1), ks), dim=2)
+        values = torch.cat((vp.expand(b, -1, -1, -1), vs), dim=2)
+        if self.masks is None:
+            causal = torch.ones(max(p, s), max(p, s), dtype=torch.bool, device=q.device).tril()
+            self.masks = causal[:p, :p], torch.cat((causal.new_ones(s, p), causal[:s, :s]), dim=1)
+        logits_p = ((qp @ kp.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[0], float("-inf"))
+        logits_s = ((qs @ keys.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[1], float("-inf"))
+        self.max_logits[layer] = torch.maximum(logits_p.detach().amax(dim=(0, 2, 3)), logits_s.detach().amax(dim=(0, 2, 3)))
+        out_p = (logits_p.softmax(-1) @ vp).transpose(1, 2).reshape(p, h, -1)
+        out_s = (logits_s.softmax(-1) @ values).transpose(1, 2).reshape(b * s, h, -1)
+        return torch.cat((out_p, out_s))
+
+
+def shared_prefix(examples, group: list[int]) -> int:
+    """How many leading tokens all episodes of `group` share and can compute once: their common prefix, cut
+    short of the first token any of them is trained to predict (a shared hidden state predicts one next token).
+    0 for a single episode."""
+    seqs = [examples[i][0] for i in group]
+    if len(seqs) < 2:
+        return 0
+    first, common = seqs[0], min(len(x) for x in seqs)
+    for seq in seqs[1:]:
+        n = 0
+        while n < common and seq[n] == first[n]:
+            n += 1
+        common = n
+    first_target = min(examples[i][1].index(True) if True in examples[i][1] else len(examples[i][1]) for i in group)
+    return max(0, min(common, first_target - 1))
+
+
 @torch.no_grad()
 def qk_clip(model: K2ForCausalLM, max_logits: dict[int, torch.Tensor], threshold: float) -> int:
     """MuonClip's QK-clip for MLA (Kimi K2 report): a head whose largest logit S exceeded `threshold` gets
@@ -119,13 +168,17 @@ class ExpertLoad:
     def __init__(self, model: nn.Module):
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
         self.counts = [torch.zeros_like(r.e_score_correction_bias) for r in self.routers]
+        # How many sequences each token of the next forward stands for (a shared prefix's tokens count once per
+        # sequence, as if every sequence had run it); None: one each.
+        self.multiplicity: torch.Tensor | None = None
         for router, counts in zip(self.routers, self.counts, strict=True):
             router.register_forward_hook(self._counter(counts))
 
-    @staticmethod
-    def _counter(counts: torch.Tensor):
+    def _counter(self, counts: torch.Tensor):
         def hook(module, args, output) -> None:
-            counts.add_(torch.bincount(output[1].flatten(), minlength=counts.numel()).to(counts.dtype))
+            ids = output[1]
+            weights = None if self.multiplicity is None else self.multiplicity.repeat_interleave(ids.shape[1])
+            counts.add_(torch.bincount(ids.flatten(), weights=weights, minlength=counts.numel()).to(counts.dtype))
 
         return hook
 
@@ -203,6 +256,11 @@ def batches(examples, tokens_per_batch: int, rng: random.Random):
         yield from groups
 
 
+def token_multiplicity(prefix: int, batch: int, seq_len: int) -> torch.Tensor:
+    """For ExpertLoad: a shared prefix's tokens stand for `batch` sequences each, the rest for one."""
+    return torch.cat((torch.full((prefix,), float(batch)), torch.ones(batch * (seq_len - prefix))))
+
+
 def collate(examples, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     t = max(len(examples[i][0]) for i in group)
     ids = torch.zeros(len(group), t, dtype=torch.long)
@@ -214,15 +272,28 @@ def collate(examples, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, target
 
 
-def loss_on_generated(model: K2ForCausalLM, ids: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, TrainingAttention, float]:
+def loss_on_generated(
+    model: K2ForCausalLM, ids: torch.Tensor, target: torch.Tensor, prefix: int = 0
+) -> tuple[torch.Tensor, TrainingAttention | SharedPrefixAttention, float]:
     """Cross-entropy of the tokens the model generates in an episode (reasoning, calls, answers), not of
-    prompts or tool results; the head runs only where a target is predicted."""
+    prompts or tool results; the head runs only where a target is predicted. With `prefix` > 0 the sequences'
+    first `prefix` tokens (equal in every row, none of them or the token after them a target: `shared_prefix`)
+    run once (SharedPrefixAttention); the loss is the same."""
     b, t = ids.shape
-    attention = TrainingAttention(b, t)
-    hidden = model(ids.reshape(-1), torch.arange(t, device=ids.device).repeat(b), attention).view(b, t, -1)
-    predict = target[:, 1:]
+    positions = torch.arange(t, device=ids.device)
+    if prefix:
+        if not bool((ids[:, :prefix] == ids[:1, :prefix]).all()) or bool(target[:, : prefix + 1].any()):
+            raise ValueError(f"the {prefix} leading tokens are not a shared, untrained prefix of every row")
+        attention = SharedPrefixAttention(prefix, b, t - prefix)
+        flat = torch.cat((ids[0, :prefix], ids[:, prefix:].reshape(-1)))
+        hidden = model(flat, torch.cat((positions[:prefix], positions[prefix:].repeat(b))), attention)
+        hidden = hidden[prefix:].view(b, t - prefix, -1)
+    else:
+        attention = TrainingAttention(b, t)
+        hidden = model(ids.reshape(-1), positions.repeat(b), attention).view(b, t, -1)
+    predict = target[:, prefix + 1 :]
     logits = model.lm_head(hidden[:, :-1][predict])
-    labels = ids[:, 1:][predict]
+    labels = ids[:, prefix + 1 :][predict]
     loss = F.cross_entropy(logits.float(), labels)
     accuracy = float((logits.argmax(-1) == labels).float().mean())
     return loss, attention, accuracy
@@ -336,6 +407,38 @@ def train_demo(
     return summary
 
 
+def train_step(
+    model: K2ForCausalLM,
+    opts: list[torch.optim.Optimizer],
+    load: ExpertLoad,
+    examples: list[tuple[list[int], list[bool]]],
+    group: list[int],
+    *,
+    device: str = "cpu",
+    share_prefix: bool = True,
+    qk_clip_threshold: float = 50.0,
+    bias_update_speed: float = 1e-3,
+) -> dict:
+    """One optimizer step on the episodes `group`: loss, backward, clipped gradients, Muon + AdamW, QK-clip, and
+    the expert-bias update. Returns the step's loss, token accuracy, largest logit, heads clipped and load."""
+    ids, target = (t.to(device) for t in collate(examples, group))
+    # The tool schemas (and system prompt) the episodes start with run once per batch, not once per episode.
+    prefix = shared_prefix(examples, group) if share_prefix else 0
+    load.multiplicity = token_multiplicity(prefix, *ids.shape).to(device) if prefix else None
+    loss, attention, accuracy = loss_on_generated(model, ids, target, prefix)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    for opt in opts:
+        opt.step()
+    clipped = qk_clip(model, attention.max_logits, qk_clip_threshold)
+    imbalance = load.update_bias(bias_update_speed)
+    max_logit = max(float(m.max()) for m in attention.max_logits.values())
+    return {"loss": float(loss.detach()), "accuracy": accuracy, "max_logit": max_logit, "clipped_heads": clipped,
+            "max_load_over_mean": imbalance, "shared_prefix": prefix}  # fmt: skip
+
+
 def train_model(
     examples: list[tuple[list[int], list[bool]]],
     special: dict[str, int],
@@ -350,6 +453,7 @@ def train_model(
     bias_update_speed: float = 1e-3,
     snapshot_every: int = 0,
     device: str = "cpu",
+    share_prefix: bool = True,
 ) -> dict:
     """The training loop: Muon + AdamW, QK-clip after every step, expert-bias balancing, then INT4 QAT of the
     routed experts for the last `qat_steps`; exports the INT4 checkpoint (model files) into `out`."""
@@ -377,21 +481,10 @@ def train_model(
         for opt in opts:
             for group in opt.param_groups:
                 group["lr"] = lr * scale
-        ids, target = (t.to(device) for t in collate(examples, next(stream)))
-        loss, attention, accuracy = loss_on_generated(model, ids, target)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in opts:
-            opt.step()
-        clipped = qk_clip(model, attention.max_logits, qk_clip_threshold)
-        clipped_total += clipped
-        imbalance = load.update_bias(bias_update_speed)
-        max_logit = max(float(m.max()) for m in attention.max_logits.values())
-        loss = loss.detach()
-        history.append({"step": step, "loss": float(loss), "accuracy": accuracy, "max_logit": max_logit,
-                        "clipped_heads": clipped, "max_load_over_mean": imbalance})  # fmt: skip
+        record = train_step(model, opts, load, examples, next(stream), device=device, share_prefix=share_prefix,
+                            qk_clip_threshold=qk_clip_threshold, bias_update_speed=bias_update_speed)  # fmt: skip
+        clipped_total += record["clipped_heads"]
+        history.append({"step": step, **record})
         if snapshot_every and step and step % snapshot_every == 0:
             # A checkpoint to evaluate while training goes on (same files as the final one).
             snapshot = out.with_name(out.name + "-snapshot")
@@ -401,7 +494,8 @@ def train_model(
             write_generation_config(snapshot, special)
         if step % 25 == 0 or step == total - 1:
             log.info("step %d/%d loss %.4f token acc %.4f max logit %.1f clipped %d load max/mean %.2f%s (%.0f s)",
-                     step, total, float(loss), accuracy, max_logit, clipped_total, imbalance,
+                     step, total, record["loss"], record["accuracy"], record["max_logit"], clipped_total,
+                     record["max_load_over_mean"],
                      " QAT" if step >= steps else "", time.perf_counter() - started)  # fmt: skip
     model = model.cpu().eval()
     export(model, config, out, int4_experts=True)
@@ -409,7 +503,7 @@ def train_model(
     last = history[-20:]
     return {
         "seed": seed, "steps": steps, "qat_steps": qat_steps, "tokens_per_batch": tokens_per_batch, "lr": lr,
-        "qk_clip_threshold": qk_clip_threshold, "clipped_heads": clipped_total,
+        "qk_clip_threshold": qk_clip_threshold, "clipped_heads": clipped_total, "share_prefix": share_prefix,
         "bias_update_speed": bias_update_speed, "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": sum(h["loss"] for h in last) / len(last),
         "final_token_accuracy": sum(h["accuracy"] for h in last) / len(last),

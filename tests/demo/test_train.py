@@ -15,6 +15,8 @@ from k2batch.demo.train import (
     loss_on_generated,
     optimizers,
     qk_clip,
+    shared_prefix,
+    token_multiplicity,
     trainable_model,
 )
 from k2batch.model import load_model
@@ -142,3 +144,84 @@ def test_qk_clip_leaves_heads_under_the_threshold_alone(threshold):
     _, attention, _ = loss_on_generated(model, ids, target)
     assert qk_clip(model, attention.max_logits, threshold) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def prefixed_batch(prefix: int = 10):
+    """Three sequences of 24 tokens whose first `prefix` are the same, trained from token 12 on."""
+    ids, target = batch(seed=1)
+    ids[:, :prefix] = ids[0, :prefix]
+    return ids, target
+
+
+def test_shared_prefix_is_the_common_start_cut_before_the_first_trained_token():
+    examples = [([5, 6, 7, 8, 9], [False, False, False, True, True]),
+                ([5, 6, 7, 8, 1, 2], [False, False, False, False, True, True]),
+                ([5, 6, 3], [False, False, True])]  # fmt: skip
+    assert shared_prefix(examples, [0, 1]) == 2  # common start 4, but token 3 of episode 0 is trained
+    assert shared_prefix(examples, [1, 1]) == 3  # identical episodes: short of the token that predicts a target
+    assert shared_prefix(examples, [0, 2]) == 1
+    assert shared_prefix(examples, [1]) == 0  # nothing to share
+    ids, target = prefixed_batch()
+    rows = [(ids[i].tolist(), target[i].tolist()) for i in range(3)]
+    assert shared_prefix(rows, [0, 1, 2]) == 10
+
+
+def test_shared_prefix_training_step_equals_the_full_batch():
+    """Loss, every gradient, the logits QK-clip reads and the expert load are those of the full batch."""
+    ids, target = prefixed_batch()
+    results = []
+    for prefix in (0, 10):
+        model = trainable_model(TINY, seed=0)
+        load = ExpertLoad(model)
+        load.multiplicity = token_multiplicity(prefix, *ids.shape) if prefix else None
+        loss, attention, accuracy = loss_on_generated(model, ids, target, prefix)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), accuracy, grads, attention.max_logits, [c.clone() for c in load.counts]))
+    (loss0, acc0, grads0, logits0, counts0), (loss1, acc1, grads1, logits1, counts1) = results
+    assert loss1 == pytest.approx(loss0, rel=1e-5) and acc1 == acc0
+    assert grads1.keys() == grads0.keys() and len(grads0) > 10
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+    for layer in logits0:
+        torch.testing.assert_close(logits1[layer], logits0[layer])
+    for c1, c0 in zip(counts1, counts0, strict=True):
+        assert torch.equal(c1, c0) and c0.sum() == ids.numel() * TINY.num_experts_per_tok
+
+
+def test_loss_refuses_a_prefix_the_rows_do_not_share_or_that_holds_a_target():
+    model = trainable_model(TINY, seed=0)
+    ids, target = prefixed_batch()
+    with pytest.raises(ValueError, match="shared, untrained prefix"):
+        loss_on_generated(model, ids, target, prefix=11)  # token 10 differs between rows
+    target[:, 5] = True
+    with pytest.raises(ValueError, match="shared, untrained prefix"):
+        loss_on_generated(model, ids, target, prefix=10)
+
+
+def test_training_loop_with_a_shared_prefix_trains_and_exports_as_the_whole_prompt_loop_does(tmp_path):
+    """train_model end to end (Muon steps, QK-clip, bias balancing, a QAT step, export) on episodes that start with
+    the same 40 tokens: sharing that prefix changes the losses and expert biases by float rounding only."""
+    from k2batch.demo.train import train_model
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(10, 1000, (40,), generator=g).tolist()
+    examples = []
+    for n in range(24):
+        tail = torch.randint(10, 1000, (20 + n % 5,), generator=g).tolist()
+        examples.append((head + tail, [False] * (40 + 8) + [True] * (len(tail) - 8)))
+    special = {"<|im_end|>": 1, "[BOS]": 2, "[EOS]": 3}
+    runs = {}
+    for share in (False, True):
+        out = tmp_path / f"share-{share}"
+        summary = train_model(examples, special, out, steps=3, qat_steps=1, tokens_per_batch=256, share_prefix=share)
+        bias = torch.stack([m.e_score_correction_bias for m in summary["model"].modules() if hasattr(m, "e_score_correction_bias")])
+        runs[share] = (summary, bias)
+        assert (out / "config.json").exists() and summary["share_prefix"] is share
+    (full, bias_full), (shared, bias_shared) = runs[False], runs[True]
+    assert shared["final_loss"] == pytest.approx(full["final_loss"], rel=1e-3)  # float summation order, through Muon
+    # Float summation order differs (prefix once vs per row), and Muon carries that on; an expert whose load sits
+    # at the mean can then move its bias the other way, one update (1e-3) at a time. Nothing more may differ.
+    assert bias_full.abs().sum() > 0
+    assert (bias_shared - bias_full).abs().max() <= 2e-3 + 1e-9
+    assert (bias_shared == bias_full).float().mean() >= 0.9
