@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
     # The defaults are the committed checkpoint's recipe (workspace/models/k2-demo/training.json).
     p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
-    p.add_argument("--fresh-worlds", type=_count, default=0,
-                   help="spread the jobs over this many fresh worlds instead of the demo world's training entities")
+    p.add_argument("--fresh-worlds", type=_count, default=16,
+                   help="spread the jobs over this many fresh worlds (0: over the demo world's training entities)")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")

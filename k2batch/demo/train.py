@@ -339,9 +339,9 @@ def build_data(
 ) -> list[list[tuple[str, bool]]]:  # fmt: skip
     """Gold episodes of `num_jobs` training jobs, tool results from the real tools.
 
-    With `fresh_worlds` = 0, over the demo world's training entities (the committed recipe). Otherwise spread
-    over that many fresh worlds, each with its own corpus under `work_dir`, whose names share no word with the
-    demo world: entities seldom repeat, so the model cannot answer from memory and must copy what the tools
+    With `fresh_worlds` = 0, over the demo world's training entities. Otherwise (the committed recipe: 16)
+    spread over that many fresh worlds, each with its own corpus under `work_dir`, whose names share no word with
+    the demo world: entities seldom repeat, so the model cannot answer from memory and must copy what the tools
     return, as it has to on held-out entities."""
     from k2batch.config import load_config
     from k2batch.demo.data import training_pieces
@@ -379,7 +379,7 @@ def train_demo(
     corpus: str | Path | None = None,
     bf16_out: str | Path | None = None,
     threads: int | None = None,
-    fresh_worlds: int = 0,
+    fresh_worlds: int = 16,
     **train_options,
 ) -> dict:
     """Build the data, train the tokenizer and the model, export; returns a summary of the run."""
