@@ -64,20 +64,19 @@ def main() -> None:
                 seconds.append(time.perf_counter() - started)
             losses.append(record["loss"])
 
-    full, shared = sides[False], sides[True]
-    first_loss = (full[4][0], shared[4][0])
+    (_, _, _, seconds_full, losses_full), (_, _, _, seconds_shared, losses_shared) = sides[False], sides[True]
+    first_loss = (losses_full[0], losses_shared[0])
     assert abs(first_loss[0] - first_loss[1]) <= 1e-4 * abs(first_loss[0]), first_loss
-    tokens_full = statistics.mean(len(g) * max(len(examples[i][0]) for i in g) for g in groups)
-    tokens_shared = statistics.mean(
-        shared_prefix(examples, g) + len(g) * (max(len(examples[i][0]) for i in g) - shared_prefix(examples, g))
-        for g in groups
-    )
-    prefix = statistics.mean(shared_prefix(examples, g) for g in groups)
+    # (episodes, padded length, shared prefix) of each batch: the tokens each side's forward runs.
+    shapes = [(len(g), max(len(examples[i][0]) for i in g), shared_prefix(examples, g)) for g in groups]
+    tokens_full = statistics.mean(b * t for b, t, _ in shapes)
+    tokens_shared = statistics.mean(p + b * (t - p) for b, t, p in shapes)
+    prefix = statistics.mean(p for _, _, p in shapes)
     print(f"{args.steps} steps a side, {args.threads} threads, {statistics.mean(len(g) for g in groups):.1f} episodes "
           f"a batch, shared prefix {prefix:.0f} tokens on average")  # fmt: skip
     print(f"first-step loss: whole prompts {first_loss[0]:.6f}, shared prefix {first_loss[1]:.6f}")
-    print(f"last loss:       whole prompts {full[4][-1]:.4f}, shared prefix {shared[4][-1]:.4f}")
-    t_full, t_shared = statistics.median(full[3]), statistics.median(shared[3])
+    print(f"last loss:       whole prompts {losses_full[-1]:.4f}, shared prefix {losses_shared[-1]:.4f}")
+    t_full, t_shared = statistics.median(seconds_full), statistics.median(seconds_shared)
     print(f"tokens a forward: whole prompts {tokens_full:.0f}, shared prefix {tokens_shared:.0f}")
     print(f"seconds a step (median): whole prompts {t_full:.3f}, shared prefix {t_shared:.3f}; "
           f"speedup {t_full / t_shared:.2f}x")  # fmt: skip
