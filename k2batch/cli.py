@@ -60,7 +60,7 @@ def train_demo(args: argparse.Namespace) -> None:
         args.out, seed=args.seed, steps=args.steps, qat_steps=args.qat_steps, num_jobs=args.jobs,
         bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
         qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
-        share_prefix=args.share_prefix,
+        share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 
@@ -133,6 +133,25 @@ def _count(text: str) -> int:
     return value
 
 
+def _tasks(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated demo task kinds."""
+    from k2batch.demo.tasks import TASKS
+
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"must name tasks among {', '.join(TASKS)}, got {text!r}")
+    return tasks
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2batch", description="Offline batch inference for Kimi K2-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
     p.add_argument("--fresh-worlds", type=_count, default=16,
                    help="spread the jobs over this many fresh worlds (0: over the demo world's training entities)")
+    p.add_argument("--tasks", type=_tasks, default=("retrieval", "draft", "synthesis"),
+                   help="comma-separated task kinds the training jobs take in turn (one listed twice gets twice the "
+                        "jobs); default retrieval,draft,synthesis")  # fmt: skip
+    p.add_argument("--balanced-lengths", type=_fraction, default=0.0,
+                   help="fraction of synthesis jobs whose two values' digit counts are drawn uniformly")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")

@@ -50,20 +50,42 @@ class DemoJob(msgspec.Struct, frozen=True):
     entities: list[str]
 
 
-def make_jobs(world: World, count: int, seed: int, *, held_out: bool, prefix: str = "job") -> list[DemoJob]:
-    """`count` jobs, the three tasks in turn, over held-out entities (evaluation, the demo) or training ones."""
+def make_jobs(
+    world: World, count: int, seed: int, *, held_out: bool, prefix: str = "job", tasks: tuple[str, ...] = TASKS,
+    balanced_lengths: float = 0.0,
+) -> list[DemoJob]:  # fmt: skip
+    """`count` jobs over held-out entities (evaluation, the demo) or training ones, the kinds of `tasks` in turn
+    (a kind listed twice gets twice the jobs).
+
+    A `balanced_lengths` fraction of the synthesis jobs compares two values whose digit counts are drawn
+    uniformly from those the pool has, not as the world draws them: pairs like 4 against 211 patents are rare in
+    the world, and copying the longer number after the shorter one is what a small model gets wrong. 0 (the
+    default) keeps the world's own distribution and draws exactly the jobs it always has."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty sequence of {TASKS}, got {tasks!r}")
+    if not 0.0 <= balanced_lengths <= 1.0:
+        raise ValueError(f"balanced_lengths must be in [0, 1], got {balanced_lengths}")
     rng = random.Random(seed)
     pool = world.split(held_out)
     by_kind = {kind: [e for e in pool if e.kind == kind] for kind in SYNTHESIS}
+    by_length = {
+        kind: _by_digits(entities, SYNTHESIS[kind][0]) for kind, entities in by_kind.items()
+    } if balanced_lengths else {}  # fmt: skip
     jobs = []
     for i in range(count):
-        task = TASKS[i % len(TASKS)]
+        task = tasks[i % len(tasks)]
         job_id = f"{prefix}-{i:05d}"
         if task == "synthesis":
             kind = rng.choice(sorted(by_kind))
             fact, noun = SYNTHESIS[kind]
+            balanced = bool(balanced_lengths) and rng.random() < balanced_lengths
             while True:
-                a, b = rng.sample(by_kind[kind], 2)
+                if balanced:
+                    groups = by_length[kind]
+                    a, b = (rng.choice(groups[rng.choice(sorted(groups))]) for _ in range(2))
+                else:
+                    a, b = rng.sample(by_kind[kind], 2)
                 if a.facts[fact] != b.facts[fact]:
                     break
             first, second = int(a.facts[fact]), int(b.facts[fact])
@@ -85,6 +107,13 @@ def make_jobs(world: World, count: int, seed: int, *, held_out: bool, prefix: st
             expected = {"values": list(entity.facts.values()), "doc_ids": [entity.doc_id]}
         jobs.append(DemoJob(job_id, task, question, ["search"], expected, [entity.name]))
     return jobs
+
+
+def _by_digits(entities: list[Entity], fact: str) -> dict[int, list[Entity]]:
+    groups: dict[int, list[Entity]] = {}
+    for e in entities:
+        groups.setdefault(len(e.facts[fact]), []).append(e)
+    return groups
 
 
 def job_rows(jobs: list[DemoJob]) -> dict[str, list]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from k2batch.demo.tasks import TASKS
 from k2batch.demo.tokenizer import save_tokenizer, train_tokenizer
 from k2batch.model.config import ModelConfig
 from k2batch.model.export import save_checkpoint
@@ -331,13 +332,16 @@ def write_generation_config(path: Path, special: dict[str, int]) -> None:
 
 
 FRESH_WORLD_SEED = 1_000_000  # fresh world i of training seed s is make_world(FRESH_WORLD_SEED + 1000 * s + i)
+# Synthesis pairs of uniformly drawn digit counts (make_jobs): 0 in the committed recipe; 0.5 was tried, see workspace/README.md.
+BALANCED_LENGTHS = 0.0
 
 
 def build_data(
     num_jobs: int, seed: int, corpus: str | Path | None = None, *, fresh_worlds: int = 0,
-    work_dir: str | Path | None = None,
+    work_dir: str | Path | None = None, tasks: tuple[str, ...] = TASKS, balanced_lengths: float = 0.0,
 ) -> list[list[tuple[str, bool]]]:  # fmt: skip
-    """Gold episodes of `num_jobs` training jobs, tool results from the real tools.
+    """Gold episodes of `num_jobs` training jobs, tool results from the real tools; `tasks` and
+    `balanced_lengths` set the job mix (`make_jobs`).
 
     With `fresh_worlds` = 0, over the demo world's training entities. Otherwise (the committed recipe: 16)
     spread over that many fresh worlds, each with its own corpus under `work_dir`, whose names share no word with
@@ -350,11 +354,12 @@ def build_data(
 
     config = load_config()
     world = make_world()
+    mix = {"tasks": tuple(tasks), "balanced_lengths": balanced_lengths}
     if not fresh_worlds:
         corpus = Path(corpus or config.tools.search_corpus)
         if not corpus.exists():
             write_corpus(world, corpus)
-        jobs = make_jobs(world, num_jobs, seed, held_out=False, prefix="train")
+        jobs = make_jobs(world, num_jobs, seed, held_out=False, prefix="train", **mix)
         return training_pieces(jobs, world, config, corpus, None)
     if fresh_worlds < 0:
         raise ValueError(f"fresh_worlds must be >= 0, got {fresh_worlds}")
@@ -366,7 +371,7 @@ def build_data(
         fresh = make_world(FRESH_WORLD_SEED + 1000 * seed + i, held_out_fraction=0.0, reserved=reserved)
         fresh_corpus = write_corpus(fresh, Path(work_dir) / f"fresh-{seed}-{i}.parquet")
         count = num_jobs // fresh_worlds + (i < num_jobs % fresh_worlds)
-        jobs = make_jobs(fresh, count, seed + i, held_out=False, prefix=f"train{i}")
+        jobs = make_jobs(fresh, count, seed + i, held_out=False, prefix=f"train{i}", **mix)
         episodes += training_pieces(jobs, fresh, config, fresh_corpus, None)
     return episodes
 
@@ -380,6 +385,8 @@ def train_demo(
     bf16_out: str | Path | None = None,
     threads: int | None = None,
     fresh_worlds: int = 16,
+    tasks: tuple[str, ...] = TASKS,
+    balanced_lengths: float = BALANCED_LENGTHS,
     **train_options,
 ) -> dict:
     """Build the data, train the tokenizer and the model, export; returns a summary of the run."""
@@ -388,7 +395,8 @@ def train_demo(
         torch.set_num_threads(threads)
     out = Path(out)
     data_dir = out.with_name(out.name + "-data")  # the fresh worlds' corpora, if any
-    episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir)
+    episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir, tasks=tasks,
+                          balanced_lengths=balanced_lengths)  # fmt: skip
     tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
     special = save_tokenizer(tokenizer, out)
     examples = tokenize_episodes(tokenizer, episodes)
@@ -401,7 +409,8 @@ def train_demo(
         export(model, config, bf16_out, int4_experts=False)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             (bf16_out / name).write_bytes((out / name).read_bytes())
-    summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
+    summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, tasks=list(tasks), balanced_lengths=balanced_lengths,
+                   episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
                    threads=torch.get_num_threads())  # fmt: skip
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary

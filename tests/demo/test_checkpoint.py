@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 
 from k2batch import cli
+from k2batch.demo.tasks import TASKS
 from k2batch.demo.workspace import graded
 from k2batch.model import load_model
 from k2batch.tokenizer import load_tokenizer
@@ -52,13 +54,29 @@ def test_train_demo_defaults_reproduce_the_committed_checkpoint():
     """`k2batch train-demo --seed 0`, the command workspace/README.md gives, runs the recipe training.json records."""
     recorded = json.loads((DEMO / "training.json").read_text())
     args = cli.build_parser().parse_args(["train-demo", "--seed", str(recorded["seed"])])
-    assert (args.jobs, args.steps, args.qat_steps, args.qk_clip, args.fresh_worlds) == (
+    assert (args.jobs, args.steps, args.qat_steps, args.qk_clip, args.fresh_worlds, args.tasks,
+            args.balanced_lengths) == (
         recorded["num_jobs"], recorded["steps"], recorded["qat_steps"], recorded["qk_clip_threshold"],
-        recorded.get("fresh_worlds", 0),
+        recorded.get("fresh_worlds", 0), tuple(recorded.get("tasks", TASKS)), recorded.get("balanced_lengths", 0.0),
     )  # fmt: skip
+    from k2batch.demo.train import train_demo
+
+    defaults = inspect.signature(train_demo).parameters
+    assert (defaults["num_jobs"].default, defaults["fresh_worlds"].default, defaults["tasks"].default,
+            defaults["balanced_lengths"].default) == (args.jobs, args.fresh_worlds, args.tasks, args.balanced_lengths)  # fmt: skip
 
 
 def test_train_demo_rejects_a_negative_number_of_fresh_worlds(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train-demo", "--fresh-worlds", "-1"])
     assert "--fresh-worlds: must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_train_demo_parses_the_task_mix_and_rejects_bad_ones(capsys):
+    args = cli.build_parser().parse_args(["train-demo", "--tasks", "synthesis, retrieval", "--balanced-lengths", "1"])
+    assert args.tasks == ("synthesis", "retrieval") and args.balanced_lengths == 1.0
+    for flag, value, message in (("--tasks", "retrieval,summary", "must name tasks among"),
+                                 ("--balanced-lengths", "2", "must be in [0, 1], got 2.0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["train-demo", flag, value])
+        assert message in capsys.readouterr().err
