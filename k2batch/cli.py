@@ -135,12 +135,13 @@ def _count(text: str) -> int:
 
 def _tasks(text: str) -> tuple[str, ...]:
     """argparse type: comma-separated demo task kinds."""
-    from k2batch.demo.tasks import TASKS
+    from k2batch.demo.tasks import check_tasks
 
     tasks = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown or not tasks:
-        raise argparse.ArgumentTypeError(f"must name tasks among {', '.join(TASKS)}, got {text!r}")
+    try:
+        check_tasks(tasks)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return tasks
 
 

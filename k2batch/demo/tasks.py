@@ -50,6 +50,12 @@ class DemoJob(msgspec.Struct, frozen=True):
     entities: list[str]
 
 
+def check_tasks(tasks: tuple[str, ...]) -> None:
+    """ValueError unless `tasks` is a non-empty sequence of demo task kinds."""
+    if not tasks or not set(tasks) <= set(TASKS):
+        raise ValueError(f"tasks must be a non-empty sequence of {', '.join(TASKS)}, got {tasks!r}")
+
+
 def make_jobs(
     world: World, count: int, seed: int, *, held_out: bool, prefix: str = "job", tasks: tuple[str, ...] = TASKS,
     balanced_lengths: float = 0.0,
@@ -61,9 +67,7 @@ def make_jobs(
     uniformly from those the pool has, not as the world draws them: pairs like 4 against 211 patents are rare in
     the world, and copying the longer number after the shorter one is what a small model gets wrong. 0 (the
     default) keeps the world's own distribution and draws exactly the jobs it always has."""
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown or not tasks:
-        raise ValueError(f"tasks must be a non-empty sequence of {TASKS}, got {tasks!r}")
+    check_tasks(tasks)
     if not 0.0 <= balanced_lengths <= 1.0:
         raise ValueError(f"balanced_lengths must be in [0, 1], got {balanced_lengths}")
     rng = random.Random(seed)

@@ -75,7 +75,7 @@ def test_train_demo_rejects_a_negative_number_of_fresh_worlds(capsys):
 def test_train_demo_parses_the_task_mix_and_rejects_bad_ones(capsys):
     args = cli.build_parser().parse_args(["train-demo", "--tasks", "synthesis, retrieval", "--balanced-lengths", "1"])
     assert args.tasks == ("synthesis", "retrieval") and args.balanced_lengths == 1.0
-    for flag, value, message in (("--tasks", "retrieval,summary", "must name tasks among"),
+    for flag, value, message in (("--tasks", "retrieval,summary", "tasks must be a non-empty sequence of retrieval, draft, synthesis"),
                                  ("--balanced-lengths", "2", "must be in [0, 1], got 2.0")):  # fmt: skip
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["train-demo", flag, value])
