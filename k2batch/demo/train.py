@@ -404,6 +404,7 @@ def train_demo(
              sum(sum(e[1]) for e in examples))  # fmt: skip
     summary = train_model(examples, special, out, seed=seed, **train_options)
     model, config = summary.pop("model"), summary.pop("config")
+    summary.pop("losses")  # one a step: the log has them; training.json keeps the settings and final figures
     if bf16_out is not None:
         bf16_out = Path(bf16_out)
         export(model, config, bf16_out, int4_experts=False)
@@ -514,7 +515,7 @@ def train_model(
         "seed": seed, "steps": steps, "qat_steps": qat_steps, "tokens_per_batch": tokens_per_batch, "lr": lr,
         "qk_clip_threshold": qk_clip_threshold, "clipped_heads": clipped_total, "share_prefix": share_prefix,
         "bias_update_speed": bias_update_speed, "parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss": sum(h["loss"] for h in last) / len(last),
+        "losses": [h["loss"] for h in history], "final_loss": sum(h["loss"] for h in last) / len(last),
         "final_token_accuracy": sum(h["accuracy"] for h in last) / len(last),
         "final_max_load_over_mean": last[-1]["max_load_over_mean"], "train_s": round(time.perf_counter() - started, 1),
         "device": device, "model": model, "config": config,

@@ -219,7 +219,13 @@ def test_training_loop_with_a_shared_prefix_trains_and_exports_as_the_whole_prom
         runs[share] = (summary, bias)
         assert (out / "config.json").exists() and summary["share_prefix"] is share
     (full, bias_full), (shared, bias_shared) = runs[False], runs[True]
-    assert shared["final_loss"] == pytest.approx(full["final_loss"], rel=1e-3)  # float summation order, through Muon
+    # Same weights, same first batch: the prefix run once gives the whole-prompt loss up to float summation order.
+    assert shared["losses"][0] == pytest.approx(full["losses"][0], rel=1e-5)
+    # After that, torch.optim.Muon orthogonalizes in bfloat16, which rounds some update entries of the two runs
+    # differently (how much depends on the CPU's matmul kernels; up to 4e-4 seen)...
+    assert len(full["losses"]) == 4 and shared["losses"][1:3] == pytest.approx(full["losses"][1:3], rel=2e-3)
+    # ...and the QAT step's INT4 rounding moves a weight that sits near a level boundary to the next level (4e-3 seen).
+    assert shared["losses"][3] == pytest.approx(full["losses"][3], rel=2e-2)
     # Float summation order differs (prefix once vs per row), and Muon carries that on; an expert whose load sits
     # at the mean can then move its bias the other way, one update (1e-3) at a time. Nothing more may differ.
     assert bias_full.abs().sum() > 0
