@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def train_demo(args: argparse.Namespace) -> None:
         bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
         qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
         share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
+        lr=args.lr, init=args.init, command=shlex.join(["k2batch", *args.argv]),
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 
@@ -177,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balanced-lengths", type=_fraction, default=0.0,
                    help="fraction of synthesis jobs whose two values' digit counts are drawn uniformly")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Muon and AdamW)")
+    p.add_argument("--init", help="go on training from this demo checkpoint (its weights and tokenizer)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")
     p.add_argument("--snapshot-every", type=int, default=0, help="also export OUT-snapshot every N steps")
@@ -201,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from k2batch.config import ConfigError
     from k2batch.shards import InputError

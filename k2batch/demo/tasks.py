@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from k2batch.demo.world import Entity, World
+from k2batch.demo.world import PROFESSIONS, REGIONS, SECTORS, Entity, World
 
 TASKS = ("retrieval", "draft", "synthesis")
 SEARCH_K = 3
@@ -231,11 +231,16 @@ def grade(task: str, expected: dict[str, Any], answer: str | None) -> bool:
     return all(_contains(answer, v) for v in expected["values"])
 
 
-FACT = re.compile(r"doc-\d{4}|\d+")
+# The facts an answer states: document ids, numbers, categories (longest first: "south coast" before a shorter
+# one), and names (every capitalized word: the answer templates capitalize nothing else).
+_CATEGORIES = sorted({*REGIONS, *SECTORS, *PROFESSIONS}, key=len, reverse=True)
+FACT = re.compile(r"doc-\d{4}|\d+|" + "".join(rf"\b{re.escape(c)}\b|" for c in _CATEGORIES) + r"\b[A-Z][a-z]+\b")
 
 
 def traceable(answer: str | None, tool_results: list[str]) -> bool:
-    """Every number and document id of the answer appears in one of the episode's tool results."""
+    """Every document id, number, category (region, sector, profession) and name of the answer appears in one of
+    the episode's tool results. Traceable is not correct: a region or name copied from the wrong search hit is
+    traceable, and `grade` fails it."""
     if not answer:
         return False
     seen = "\n".join(tool_results)

@@ -10,9 +10,11 @@ import random
 import time
 from pathlib import Path
 
+import msgspec
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from torch import nn
 
 from k2batch.demo.tasks import TASKS
@@ -197,19 +199,31 @@ class ExpertLoad:
         return worst
 
 
-def trainable_model(config: ModelConfig, seed: int) -> K2ForCausalLM:
-    torch.manual_seed(seed)
-    model = K2ForCausalLM(config)
+def trainable_model(config: ModelConfig, seed: int, init: str | Path | None = None) -> K2ForCausalLM:
+    """A float32 model to train: freshly initialized from `seed`, or the weights (router biases included) of the
+    checkpoint `init` (a bf16 one holds the weights before INT4 rounding; an INT4 one gives the rounded experts)."""
+    if init is None:
+        torch.manual_seed(seed)
+        model = K2ForCausalLM(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name == "embed_tokens.weight":
+                    p.normal_(0, 1.0)
+                else:
+                    p.normal_(0, p.shape[-1] ** -0.5)
+    else:
+        from k2batch.model import load_model
+
+        model = load_model(init, torch.float32)
+        if msgspec.structs.replace(model.config, quantization=None) != config:
+            raise ValueError(f"{init} is not a demo model of this architecture: {model.config} != {config}")
+        model.train().requires_grad_(True)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name == "embed_tokens.weight":
-                p.normal_(0, 1.0)
-            else:
-                p.normal_(0, p.shape[-1] ** -0.5)
         for layer in model.layers:
             if hasattr(layer.mlp, "experts"):
+                layer.mlp.experts.dequantize_(torch.float32)
                 layer.mlp.experts = TrainableExperts(layer.mlp.experts.w13, layer.mlp.experts.w2)
     return model
 
@@ -387,22 +401,34 @@ def train_demo(
     fresh_worlds: int = 16,
     tasks: tuple[str, ...] = TASKS,
     balanced_lengths: float = BALANCED_LENGTHS,
+    init: str | Path | None = None,
+    command: str | None = None,
     **train_options,
 ) -> dict:
-    """Build the data, train the tokenizer and the model, export; returns a summary of the run."""
+    """Build the data, train the tokenizer and the model, export; returns a summary of the run, also written as
+    training.json of both checkpoints (with `command`, the command line that ran it, if given). With `init` (a demo
+    checkpoint), its tokenizer is kept, training goes on from its weights, and its training.json is kept as
+    `init_training`."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
+    # The record of the run this one goes on from, so the checkpoint's whole recipe stays on file.
+    init_record = None
+    if init is not None and (Path(init) / "training.json").exists():
+        init_record = json.loads((Path(init) / "training.json").read_text())
     data_dir = out.with_name(out.name + "-data")  # the fresh worlds' corpora, if any
     episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir, tasks=tasks,
                           balanced_lengths=balanced_lengths)  # fmt: skip
-    tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
+    if init is None:
+        tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
+    else:
+        tokenizer = Tokenizer.from_file(str(Path(init) / "tokenizer.json"))
     special = save_tokenizer(tokenizer, out)
     examples = tokenize_episodes(tokenizer, episodes)
     log.info("%d episodes, %d tokens (%d generated)", len(examples), sum(len(e[0]) for e in examples),
              sum(sum(e[1]) for e in examples))  # fmt: skip
-    summary = train_model(examples, special, out, seed=seed, **train_options)
+    summary = train_model(examples, special, out, seed=seed, init=init, **train_options)
     model, config = summary.pop("model"), summary.pop("config")
     summary.pop("losses")  # one a step: the log has them; training.json keeps the settings and final figures
     if bf16_out is not None:
@@ -413,7 +439,13 @@ def train_demo(
     summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, tasks=list(tasks), balanced_lengths=balanced_lengths,
                    episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
                    threads=torch.get_num_threads())  # fmt: skip
-    (out / "training.json").write_text(json.dumps(summary, indent=2))
+    if command is not None:
+        summary["command"] = command
+    if init_record is not None:
+        summary["init_training"] = init_record
+    for path in (out, bf16_out):
+        if path is not None:
+            (path / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -464,12 +496,14 @@ def train_model(
     snapshot_every: int = 0,
     device: str = "cpu",
     share_prefix: bool = True,
+    init: str | Path | None = None,
 ) -> dict:
     """The training loop: Muon + AdamW, QK-clip after every step, expert-bias balancing, then INT4 QAT of the
-    routed experts for the last `qat_steps`; exports the INT4 checkpoint (model files) into `out`."""
+    routed experts for the last `qat_steps`; exports the INT4 checkpoint (model files) into `out`. With `init`,
+    training goes on from that checkpoint's weights (fresh optimizer state, the same schedule shape)."""
     started = time.perf_counter()
     config = demo_model_config(VOCAB_SIZE, special["<|im_end|>"], special["[BOS]"])
-    model = trainable_model(config, seed).to(device)
+    model = trainable_model(config, seed, init).to(device)
     opts = optimizers(model, lr, weight_decay=0.01)
     load = ExpertLoad(model)
     rng = random.Random(seed)
@@ -518,5 +552,5 @@ def train_model(
         "losses": [h["loss"] for h in history], "final_loss": sum(h["loss"] for h in last) / len(last),
         "final_token_accuracy": sum(h["accuracy"] for h in last) / len(last),
         "final_max_load_over_mean": last[-1]["max_load_over_mean"], "train_s": round(time.perf_counter() - started, 1),
-        "device": device, "model": model, "config": config,
+        "device": device, "init": None if init is None else str(init), "model": model, "config": config,
     }  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -10,6 +11,10 @@ import torch
 from k2batch.demo.train import (
     ExpertLoad,
     TrainableExperts,
+    TrainingAttention,
+    batches,
+    collate,
+    demo_model_config,
     export,
     fake_quant_int4,
     loss_on_generated,
@@ -17,6 +22,7 @@ from k2batch.demo.train import (
     qk_clip,
     shared_prefix,
     token_multiplicity,
+    train_model,
     trainable_model,
 )
 from k2batch.model import load_model
@@ -202,8 +208,6 @@ def test_loss_refuses_a_prefix_the_rows_do_not_share_or_that_holds_a_target():
 def test_training_loop_with_a_shared_prefix_trains_and_exports_as_the_whole_prompt_loop_does(tmp_path):
     """train_model end to end (Muon steps, QK-clip, bias balancing, a QAT step, export) on episodes that start with
     the same 40 tokens: sharing that prefix changes the losses and expert biases by float rounding only."""
-    from k2batch.demo.train import train_model
-
     g = torch.Generator().manual_seed(0)
     head = torch.randint(10, 1000, (40,), generator=g).tolist()
     examples = []
@@ -231,3 +235,63 @@ def test_training_loop_with_a_shared_prefix_trains_and_exports_as_the_whole_prom
     assert bias_full.abs().sum() > 0
     assert (bias_shared - bias_full).abs().max() <= 2e-3 + 1e-9
     assert (bias_shared == bias_full).float().mean() >= 0.9
+
+
+def test_training_goes_on_from_a_checkpoint_with_its_weights_and_router_biases(tmp_path):
+    """train_model(init=...) (`k2batch train-demo --init`): a second stage starts from the first one's exported
+    bf16 weights and expert biases, not from a fresh initialization, and refuses a checkpoint of another shape."""
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in range(16):
+        seq = torch.randint(10, 1000, (30 + n % 4,), generator=g).tolist()
+        examples.append((seq, [False] * 10 + [True] * (len(seq) - 10)))
+    special = {"<|im_end|>": 1, "[BOS]": 2, "[EOS]": 3}
+    first = train_model(examples, special, tmp_path / "first", steps=6, qat_steps=0, tokens_per_batch=128, lr=1e-2)
+    export(first["model"], first["config"], tmp_path / "first-bf16", int4_experts=False)
+
+    second = train_model(examples, special, tmp_path / "second", steps=1, qat_steps=0, tokens_per_batch=128,
+                         init=tmp_path / "first-bf16")  # fmt: skip
+    # The same seed gives the same first batch: a fresh start would repeat the first run's first loss.
+    loaded = load_model(tmp_path / "first-bf16", torch.float32)
+    ids, target = collate(examples, next(batches(examples, 128, random.Random(0))))
+    with torch.no_grad():
+        hidden = loaded(ids.reshape(-1), torch.arange(ids.shape[1]).repeat(ids.shape[0]),
+                        TrainingAttention(*ids.shape)).view(*ids.shape, -1)  # fmt: skip
+        logits = loaded.lm_head(hidden[:, :-1][target[:, 1:]])
+        expected = float(torch.nn.functional.cross_entropy(logits, ids[:, 1:][target[:, 1:]]))
+    assert second["losses"][0] == pytest.approx(expected, rel=1e-4)
+    assert second["losses"][0] < 0.8 * first["losses"][0]
+    assert second["init"] == str(tmp_path / "first-bf16")
+    biases = [m.e_score_correction_bias for m in loaded.modules() if hasattr(m, "e_score_correction_bias")]
+    assert any(b.abs().sum() > 0 for b in biases)  # the first run's balancing, carried over
+
+    other = demo_model_config(512, 1, 2)
+    export(trainable_model(other, 0), other, tmp_path / "other", int4_experts=False)
+    with pytest.raises(ValueError, match="not a demo model of this architecture"):
+        train_model(examples, special, tmp_path / "third", steps=1, qat_steps=0, init=tmp_path / "other")
+
+
+
+def test_train_demo_command_goes_on_from_a_checkpoint_and_records_both_runs(tmp_path):
+    """`k2batch train-demo --init`: the second run keeps the first checkpoint's tokenizer byte for byte, and its
+    training.json (in both of its checkpoints) holds its own command line and settings and the first run's record."""
+    import shlex
+
+    from k2batch import cli
+
+    tiny = ["--jobs", "6", "--fresh-worlds", "1", "--steps", "1", "--qat-steps", "0", "--threads", "1"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    cli.main(["train-demo", *tiny, "--out", str(first), "--bf16-out", f"{first}-bf16"])
+    argv = ["train-demo", *tiny, "--seed", "1", "--lr", "1e-4", "--init", f"{first}-bf16", "--out", str(second),
+            "--bf16-out", f"{second}-bf16"]  # fmt: skip
+    cli.main(argv)
+
+    assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    record = json.loads((second / "training.json").read_text())
+    assert record == json.loads((tmp_path / "second-bf16" / "training.json").read_text())
+    assert record["command"] == shlex.join(["k2batch", *argv]) and record["init"] == f"{first}-bf16"
+    assert (record["seed"], record["lr"], record["steps"], record["num_jobs"]) == (1, 1e-4, 1, 6)
+    assert record["init_training"] == json.loads((first / "training.json").read_text())
+    assert "init_training" not in record["init_training"] and record["init_training"]["init"] is None
+    reparsed = cli.build_parser().parse_args(shlex.split(record["command"])[1:])
+    assert (reparsed.init, reparsed.lr, reparsed.seed) == (f"{first}-bf16", 1e-4, 1)

@@ -136,3 +136,15 @@ def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
     assert "Return of functions.search" in text and "Return of functions.calculator" in text
     assert not any(word in reserved for word in re.findall(r"[A-Z][a-z]+", text))
     assert not any(re.search(rf"\b{re.escape(name)}\b", text) for name in demo.held_out)
+
+
+def test_traceable_needs_every_number_doc_id_category_and_name_in_a_tool_result():
+    results = ["[doc-0171] Juntur\nJuntur is a city in the north coast region. It was founded in 1805. "
+               "Population: 281633. Elevation: 695 m.", "-36"]  # fmt: skip
+    good = "Juntur is a city in the north coast region, founded in 1805, with 281633 people at 695 m [doc-0171]."
+    assert traceable(good, results)
+    assert traceable("Juntur has 36 more", results)  # the calculator's -36 is the answer's 36
+    for wrong in (good.replace("north coast", "south coast"), good.replace("Juntur", "Junturtur", 1),
+                  good.replace("1805", "1850"), good.replace("doc-0171", "doc-0117")):  # fmt: skip
+        assert not traceable(wrong, results), wrong
+    assert not traceable(None, results) and not traceable("", results)
