@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 
 import pytest
 import torch
 
+from k2batch import cli
 from k2batch.demo.train import (
     ExpertLoad,
     TrainableExperts,
@@ -271,14 +273,9 @@ def test_training_goes_on_from_a_checkpoint_with_its_weights_and_router_biases(t
         train_model(examples, special, tmp_path / "third", steps=1, qat_steps=0, init=tmp_path / "other")
 
 
-
 def test_train_demo_command_goes_on_from_a_checkpoint_and_records_both_runs(tmp_path):
     """`k2batch train-demo --init`: the second run keeps the first checkpoint's tokenizer byte for byte, and its
     training.json (in both of its checkpoints) holds its own command line and settings and the first run's record."""
-    import shlex
-
-    from k2batch import cli
-
     tiny = ["--jobs", "6", "--fresh-worlds", "1", "--steps", "1", "--qat-steps", "0", "--threads", "1"]
     first, second = tmp_path / "first", tmp_path / "second"
     cli.main(["train-demo", *tiny, "--out", str(first), "--bf16-out", f"{first}-bf16"])
