@@ -413,17 +413,21 @@ def train_demo(
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
-    # The record of the run this one goes on from, so the checkpoint's whole recipe stays on file.
-    init_record = None
-    if init is not None and (Path(init) / "training.json").exists():
-        init_record = json.loads((Path(init) / "training.json").read_text())
+    tokenizer, init_record = None, None
+    if init is not None:
+        # Checked before the data is built (minutes), not after.
+        init_dir = Path(init)
+        if not (init_dir / "config.json").exists() or not (init_dir / "tokenizer.json").exists():
+            raise FileNotFoundError(f"init {init}: not a demo checkpoint (needs config.json and tokenizer.json)")
+        tokenizer = Tokenizer.from_file(str(init_dir / "tokenizer.json"))
+        # The record of the run this one goes on from, so the checkpoint's whole recipe stays on file.
+        if (init_dir / "training.json").exists():
+            init_record = json.loads((init_dir / "training.json").read_text())
     data_dir = out.with_name(out.name + "-data")  # the fresh worlds' corpora, if any
     episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir, tasks=tasks,
                           balanced_lengths=balanced_lengths)  # fmt: skip
-    if init is None:
+    if tokenizer is None:
         tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
-    else:
-        tokenizer = Tokenizer.from_file(str(Path(init) / "tokenizer.json"))
     special = save_tokenizer(tokenizer, out)
     examples = tokenize_episodes(tokenizer, episodes)
     log.info("%d episodes, %d tokens (%d generated)", len(examples), sum(len(e[0]) for e in examples),
