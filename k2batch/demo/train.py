@@ -71,6 +71,26 @@ class TrainableExperts(RoutedExperts):
         return w13, w2
 
 
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """softmax(q k^T * scale, masked) v without materializing the logits: torch's fused attention (on CPU the flash
+    kernel, which needs v as wide as q and k: MLA's narrower v is zero-padded and the pad sliced off the output).
+    `mask` (True: may attend) or, if None, causal."""
+    pad = q.shape[-1] - v.shape[-1]
+    out = F.scaled_dot_product_attention(
+        q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask, is_causal=mask is None, scale=scale
+    )
+    return out[..., : v.shape[-1]] if pad > 0 else out
+
+
+@torch.no_grad()
+def max_logit(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each head's largest attention logit over the unmasked pairs of q [B, H, Tq, D] and k [B, H, Tk, D], for
+    QK-clip. Apart from the fused kernel and without autograd: a fraction of the cost of logits kept for the
+    backward."""
+    logits = (q @ k.transpose(-1, -2)).masked_fill_(~mask, float("-inf"))
+    return logits.amax(dim=(0, 2, 3)) * scale  # scale > 0: the max of the scaled logits
+
+
 class TrainingAttention:
     """Causal attention over B padded sequences of T tokens that records each head's largest attention logit,
     which QK-clip needs."""
@@ -86,12 +106,10 @@ class TrainingAttention:
         k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
         b, t = self.batch, self.seq_len
         q, k, v = (x.view(b, t, mla.num_heads, -1).transpose(1, 2) for x in (q, k, v))
-        logits = (q @ k.transpose(-1, -2)) * mla.scale
         if self.mask is None:
-            self.mask = torch.ones(t, t, dtype=torch.bool, device=logits.device).tril()
-        logits = logits.masked_fill(~self.mask, float("-inf"))
-        self.max_logits[layer] = logits.detach().amax(dim=(0, 2, 3))
-        out = logits.softmax(-1) @ v
+            self.mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        self.max_logits[layer] = max_logit(q, k, self.mask, mla.scale)
+        out = fused_attention(q, k, v, None, mla.scale)
         return out.transpose(1, 2).reshape(b * t, mla.num_heads, -1)
 
 
@@ -119,11 +137,11 @@ class SharedPrefixAttention:
         if self.masks is None:
             causal = torch.ones(max(p, s), max(p, s), dtype=torch.bool, device=q.device).tril()
             self.masks = causal[:p, :p], torch.cat((causal.new_ones(s, p), causal[:s, :s]), dim=1)
-        logits_p = ((qp @ kp.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[0], float("-inf"))
-        logits_s = ((qs @ keys.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[1], float("-inf"))
-        self.max_logits[layer] = torch.maximum(logits_p.detach().amax(dim=(0, 2, 3)), logits_s.detach().amax(dim=(0, 2, 3)))
-        out_p = (logits_p.softmax(-1) @ vp).transpose(1, 2).reshape(p, h, -1)
-        out_s = (logits_s.softmax(-1) @ values).transpose(1, 2).reshape(b * s, h, -1)
+        self.max_logits[layer] = torch.maximum(
+            max_logit(qp, kp, self.masks[0], mla.scale), max_logit(qs, keys, self.masks[1], mla.scale)
+        )
+        out_p = fused_attention(qp, kp, vp, None, mla.scale).transpose(1, 2).reshape(p, h, -1)
+        out_s = fused_attention(qs, keys, values, self.masks[1], mla.scale).transpose(1, 2).reshape(b * s, h, -1)
         return torch.cat((out_p, out_s))
 
 
