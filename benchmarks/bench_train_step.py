@@ -1,10 +1,15 @@
-"""Demo-model training steps with each batch's shared prompt prefix computed once, against every episode's whole
-prompt (`k2batch train-demo --no-share-prefix`): the same batches of demo episodes, the same model and optimizer
-state on both sides, in this process. Checks that both sides give the same loss, then prints seconds a step of
-each, their ratio, and the tokens each forward runs.
+"""Demo-model training steps, two ways, on the same batches of demo episodes from the same model and optimizer
+state, in this process; checks that both sides give the same first loss, then prints seconds a step of each and
+their ratio.
 
-    python benchmarks/bench_train_step.py                   # 40 steps a side on 600 episodes
-    python benchmarks/bench_train_step.py --steps 10        # a quick look
+--compare prefix (the default): each batch's shared prompt prefix computed once, against every episode's whole
+prompt (`k2batch train-demo --no-share-prefix`); also prints the tokens each forward runs.
+--compare attention: the fused attention kernel the trainer uses, against the attention it replaced (logits
+materialized, masked and softmaxed, their max per head taken from them), both with the shared prefix.
+
+    python benchmarks/bench_train_step.py                       # 40 steps a side on 600 episodes
+    python benchmarks/bench_train_step.py --steps 10            # a quick look
+    python benchmarks/bench_train_step.py --compare attention --steps 20
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from k2batch.demo import train
 from k2batch.demo.train import (
     ExpertLoad,
     VOCAB_SIZE,
@@ -35,11 +41,46 @@ from k2batch.demo.train import (
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "workspace" / "models" / "k2-demo"
 
 
+class MaterializedPrefixAttention(train.SharedPrefixAttention):
+    """SharedPrefixAttention as it was before the fused kernel: every logit kept for the backward."""
+
+    def __call__(self, layer, mla, q_nope, q_pe, latent, k_pe):
+        k_nope, v = mla.expand_kv(latent)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
+        p, b, s, h = self.prefix, self.batch, self.suffix_len, mla.num_heads
+        qp, kp, vp = (x[:p].view(1, p, h, -1).transpose(1, 2) for x in (q, k, v))
+        qs, ks, vs = (x[p:].view(b, s, h, -1).transpose(1, 2) for x in (q, k, v))
+        keys = torch.cat((kp.expand(b, -1, -1, -1), ks), dim=2)
+        values = torch.cat((vp.expand(b, -1, -1, -1), vs), dim=2)
+        if self.masks is None:
+            causal = torch.ones(max(p, s), max(p, s), dtype=torch.bool, device=q.device).tril()
+            self.masks = causal[:p, :p], torch.cat((causal.new_ones(s, p), causal[:s, :s]), dim=1)
+        logits_p = ((qp @ kp.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[0], float("-inf"))
+        logits_s = ((qs @ keys.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[1], float("-inf"))
+        self.max_logits[layer] = torch.maximum(logits_p.detach().amax(dim=(0, 2, 3)), logits_s.detach().amax(dim=(0, 2, 3)))
+        out_p = (logits_p.softmax(-1) @ vp).transpose(1, 2).reshape(p, h, -1)
+        out_s = (logits_s.softmax(-1) @ values).transpose(1, 2).reshape(b * s, h, -1)
+        return torch.cat((out_p, out_s))
+
+
+def step(side: str, *args, **kwargs) -> dict:
+    """train_step with side "materialized" run through MaterializedPrefixAttention."""
+    fused = train.SharedPrefixAttention
+    if side == "materialized":
+        train.SharedPrefixAttention = MaterializedPrefixAttention
+    try:
+        return train_step(*args, share_prefix=side != "whole prompts", **kwargs)
+    finally:
+        train.SharedPrefixAttention = fused
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=600, help="training jobs (episodes) to draw batches from")
     parser.add_argument("--steps", type=int, default=40, help="timed steps a side")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare", choices=("prefix", "attention"), default="prefix")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -51,35 +92,36 @@ def main() -> None:
 
     config = demo_model_config(VOCAB_SIZE, special["<|im_end|>"], special["[BOS]"])
     base = trainable_model(config, seed=0)
+    names = ("whole prompts", "shared prefix") if args.compare == "prefix" else ("materialized", "fused")
     sides = {}
-    for share in (False, True):
+    for name in names:
         model = copy.deepcopy(base)
-        sides[share] = (model, optimizers(model, 3e-3, weight_decay=0.01), ExpertLoad(model), [], [])
+        sides[name] = (model, optimizers(model, 3e-3, weight_decay=0.01), ExpertLoad(model), [], [])
     # Alternate the sides step by step so that a busy machine slows both alike.
-    for step, group in enumerate(groups):
-        for share, (model, opts, load, seconds, losses) in sides.items():
+    for i, group in enumerate(groups):
+        for name, (model, opts, load, seconds, losses) in sides.items():
             started = time.perf_counter()
-            record = train_step(model, opts, load, examples, group, share_prefix=share)
-            if step:
+            record = step(name, model, opts, load, examples, group)
+            if i:
                 seconds.append(time.perf_counter() - started)
             losses.append(record["loss"])
 
-    (_, _, _, seconds_full, losses_full), (_, _, _, seconds_shared, losses_shared) = sides[False], sides[True]
-    first_loss = (losses_full[0], losses_shared[0])
+    (before, (_, _, _, seconds_0, losses_0)), (after, (_, _, _, seconds_1, losses_1)) = sides.items()
+    first_loss = (losses_0[0], losses_1[0])
     assert abs(first_loss[0] - first_loss[1]) <= 1e-4 * abs(first_loss[0]), first_loss
     # (episodes, padded length, shared prefix) of each batch: the tokens each side's forward runs.
     shapes = [(len(g), max(len(examples[i][0]) for i in g), shared_prefix(examples, g)) for g in groups]
-    tokens_full = statistics.mean(b * t for b, t, _ in shapes)
-    tokens_shared = statistics.mean(p + b * (t - p) for b, t, p in shapes)
     prefix = statistics.mean(p for _, _, p in shapes)
     print(f"{args.steps} steps a side, {args.threads} threads, {statistics.mean(len(g) for g in groups):.1f} episodes "
           f"a batch, shared prefix {prefix:.0f} tokens on average")  # fmt: skip
-    print(f"first-step loss: whole prompts {first_loss[0]:.6f}, shared prefix {first_loss[1]:.6f}")
-    print(f"last loss:       whole prompts {losses_full[-1]:.4f}, shared prefix {losses_shared[-1]:.4f}")
-    t_full, t_shared = statistics.median(seconds_full), statistics.median(seconds_shared)
-    print(f"tokens a forward: whole prompts {tokens_full:.0f}, shared prefix {tokens_shared:.0f}")
-    print(f"seconds a step (median): whole prompts {t_full:.3f}, shared prefix {t_shared:.3f}; "
-          f"speedup {t_full / t_shared:.2f}x")  # fmt: skip
+    print(f"first-step loss: {before} {first_loss[0]:.6f}, {after} {first_loss[1]:.6f}")
+    print(f"last loss:       {before} {losses_0[-1]:.4f}, {after} {losses_1[-1]:.4f}")
+    if args.compare == "prefix":
+        tokens_full = statistics.mean(b * t for b, t, _ in shapes)
+        tokens_shared = statistics.mean(p + b * (t - p) for b, t, p in shapes)
+        print(f"tokens a forward: whole prompts {tokens_full:.0f}, shared prefix {tokens_shared:.0f}")
+    t0, t1 = statistics.median(seconds_0), statistics.median(seconds_1)
+    print(f"seconds a step (median): {before} {t0:.3f}, {after} {t1:.3f}; speedup {t0 / t1:.2f}x")
 
 
 if __name__ == "__main__":
