@@ -62,7 +62,7 @@ def train_demo(args: argparse.Namespace) -> None:
         bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
         qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
         share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
-        lr=args.lr, init=args.init, command=shlex.join(["k2batch", *args.argv]),
+        echo_names=args.echo_names, lr=args.lr, init=args.init, command=shlex.join(["k2batch", *args.argv]),
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "jobs); default retrieval,draft,synthesis")  # fmt: skip
     p.add_argument("--balanced-lengths", type=_fraction, default=0.0,
                    help="fraction of synthesis jobs whose two values' digit counts are drawn uniformly")
+    p.add_argument("--echo-names", type=_fraction, default=0.0,
+                   help="fraction of fresh-world name words with a repeated syllable or letter (Ralolis, Finmimi)")
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Muon and AdamW)")
     p.add_argument("--init", help="go on training from this demo checkpoint (its weights and tokenizer)")

@@ -371,9 +371,11 @@ BALANCED_LENGTHS = 0.0
 def build_data(
     num_jobs: int, seed: int, corpus: str | Path | None = None, *, fresh_worlds: int = 0,
     work_dir: str | Path | None = None, tasks: tuple[str, ...] = TASKS, balanced_lengths: float = 0.0,
+    echo_names: float = 0.0,
 ) -> list[list[tuple[str, bool]]]:  # fmt: skip
     """Gold episodes of `num_jobs` training jobs, tool results from the real tools; `tasks` and
-    `balanced_lengths` set the job mix (`make_jobs`).
+    `balanced_lengths` set the job mix (`make_jobs`), `echo_names` the fresh worlds' share of names with a
+    repeated syllable or letter (`make_world`).
 
     With `fresh_worlds` = 0, over the demo world's training entities. Otherwise (the committed recipe: 16)
     spread over that many fresh worlds, each with its own corpus under `work_dir`, whose names share no word with
@@ -384,6 +386,8 @@ def build_data(
     from k2batch.demo.tasks import make_jobs
     from k2batch.demo.world import make_world, name_words, write_corpus
 
+    if not fresh_worlds and echo_names:
+        raise ValueError("echo_names needs fresh_worlds: the demo world's names are fixed")
     config = load_config()
     world = make_world()
     mix = {"tasks": tuple(tasks), "balanced_lengths": balanced_lengths}
@@ -400,7 +404,8 @@ def build_data(
     reserved = name_words(world)
     episodes: list[list[tuple[str, bool]]] = []
     for i in range(fresh_worlds):
-        fresh = make_world(FRESH_WORLD_SEED + 1000 * seed + i, held_out_fraction=0.0, reserved=reserved)
+        fresh = make_world(FRESH_WORLD_SEED + 1000 * seed + i, held_out_fraction=0.0, reserved=reserved,
+                           echo_names=echo_names)
         fresh_corpus = write_corpus(fresh, Path(work_dir) / f"fresh-{seed}-{i}.parquet")
         count = num_jobs // fresh_worlds + (i < num_jobs % fresh_worlds)
         jobs = make_jobs(fresh, count, seed + i, held_out=False, prefix=f"train{i}", **mix)
@@ -419,6 +424,7 @@ def train_demo(
     fresh_worlds: int = 16,
     tasks: tuple[str, ...] = TASKS,
     balanced_lengths: float = BALANCED_LENGTHS,
+    echo_names: float = 0.0,
     init: str | Path | None = None,
     command: str | None = None,
     **train_options,
@@ -443,7 +449,7 @@ def train_demo(
             init_record = json.loads((init_dir / "training.json").read_text())
     data_dir = out.with_name(out.name + "-data")  # the fresh worlds' corpora, if any
     episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir, tasks=tasks,
-                          balanced_lengths=balanced_lengths)  # fmt: skip
+                          balanced_lengths=balanced_lengths, echo_names=echo_names)  # fmt: skip
     if tokenizer is None:
         tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
     special = save_tokenizer(tokenizer, out)
@@ -459,7 +465,7 @@ def train_demo(
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             (bf16_out / name).write_bytes((out / name).read_bytes())
     summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, tasks=list(tasks), balanced_lengths=balanced_lengths,
-                   episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
+                   echo_names=echo_names, episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
                    threads=torch.get_num_threads())  # fmt: skip
     if command is not None:
         summary["command"] = command

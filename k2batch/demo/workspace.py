@@ -69,7 +69,7 @@ def graded(output: str | Path) -> pl.DataFrame:
         .with_columns(pl.col("bad_call_steps", "bad_turn_steps", "chat_steps").fill_null(0))
     )
     rows = table.to_dicts()
-    return table.select("job_id", "task", "status", "answer", "chat_steps").with_columns(
+    return table.select("job_id", "task", "status", "expected", "answer", "chat_steps").with_columns(
         correct=pl.Series([grade(r["task"], json.loads(r["expected"]), r["answer"]) for r in rows]),
         traceable=pl.Series([traceable(r["answer"], r["tool_result"] or []) for r in rows]),
         malformed_steps=pl.Series([r["bad_call_steps"] + r["bad_turn_steps"] for r in rows]),

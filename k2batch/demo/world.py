@@ -38,14 +38,28 @@ class World(msgspec.Struct, frozen=True):
         return [e for e in self.entities if (e.name in self.held_out) == held_out]
 
 
-def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
+def _word(rng: random.Random, syllables: int, echo: float = 0.0) -> str:
+    parts = [rng.choice(SYLLABLES) for _ in range(syllables)]
+    if echo and rng.random() < echo:
+        # An echo: a syllable repeated ("Finmimi"), or one that starts with the letter the one before starts or
+        # ends with ("Ralolis", "Nellistor"). Copying such a name, a small model's induction jumps to the second
+        # occurrence and drops or swaps a syllable ("Ralis"). No draw at all when `echo` is 0.
+        i = rng.randrange(1, syllables)
+        before = parts[i - 1]
+        echoes = [s for s in SYLLABLES if s != before and s[0] in (before[0], before[-1])]
+        parts[i] = before if rng.random() < 0.5 else rng.choice(echoes)
+    return "".join(parts).capitalize()
 
 
 def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, num_people: int = 900,
-               held_out_fraction: float = 0.15, reserved: frozenset[str] = frozenset()) -> World:  # fmt: skip
+               held_out_fraction: float = 0.15, reserved: frozenset[str] = frozenset(),
+               echo_names: float = 0.0) -> World:  # fmt: skip
     """Invented entities with unique names; every fact is drawn from `seed` alone. No name uses a word of
-    `reserved` (the demo world's name words, for a training world that must not meet its held-out entities)."""
+    `reserved` (the demo world's name words, for a training world that must not meet its held-out entities).
+    An `echo_names` fraction of name words repeats a syllable or a letter at a syllable boundary (`_word`), the
+    names a small model miscopies; 0 (the default, and the demo world) draws exactly the names it always has."""
+    if not 0.0 <= echo_names <= 1.0:
+        raise ValueError(f"echo_names must be in [0, 1], got {echo_names}")
     rng = random.Random(seed)
     used: set[str] = set(reserved)
 
@@ -58,7 +72,10 @@ def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, n
                 used.update(w for w in name.split() if w not in COMPANY_SUFFIXES)
                 return name
 
-    cities = [unique(lambda: _word(rng, rng.choice((2, 3)))) for _ in range(num_cities)]
+    def word() -> str:
+        return _word(rng, rng.choice((2, 3)), echo_names)
+
+    cities = [unique(word) for _ in range(num_cities)]
     entities: list[Entity] = []
 
     def add(kind: str, name: str, facts: dict[str, object]) -> None:
@@ -68,11 +85,11 @@ def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, n
         add("city", name, {"region": rng.choice(REGIONS), "population": rng.randrange(2_000, 900_000),
                            "founded": rng.randrange(1100, 1900), "elevation": rng.randrange(5, 2500)})  # fmt: skip
     for _ in range(num_companies):
-        name = unique(lambda: f"{_word(rng, rng.choice((2, 3)))} {rng.choice(COMPANY_SUFFIXES)}")
+        name = unique(lambda: f"{word()} {rng.choice(COMPANY_SUFFIXES)}")
         add("company", name, {"sector": rng.choice(SECTORS), "city": rng.choice(cities),
                               "founded": rng.randrange(1850, 2021), "employees": rng.randrange(20, 20_000)})  # fmt: skip
     for _ in range(num_people):
-        name = unique(lambda: f"{_word(rng, rng.choice((2, 3)))} {_word(rng, rng.choice((2, 3)))}")
+        name = unique(lambda: f"{word()} {word()}")
         add("person", name, {"profession": rng.choice(PROFESSIONS), "city": rng.choice(cities),
                              "born": rng.randrange(1940, 2004), "patents": rng.randrange(0, 400)})  # fmt: skip
     order = list(range(len(entities)))

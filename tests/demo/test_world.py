@@ -68,6 +68,44 @@ def test_the_training_mix_weights_tasks_and_balances_the_digit_counts_synthesis_
             assert job.expected["difference"] == str(abs(int(a.facts[fact]) - int(b.facts[fact])))
 
 
+def _echoed(word: str) -> bool:
+    """Whether some split of `word` into syllables has two in a row that repeat or share a boundary letter."""
+    from functools import cache
+
+    from k2batch.demo.world import SYLLABLES
+
+    @cache
+    def splits(rest: str) -> list[tuple[str, ...]]:
+        if not rest:
+            return [()]
+        return [(s, *tail) for s in SYLLABLES if rest.startswith(s) for tail in splits(rest[len(s) :])]
+
+    return any(any(b == a or b[0] in (a[0], a[-1]) for a, b in zip(p, p[1:])) for p in splits(word.lower()))
+
+
+def test_echo_names_make_the_names_a_small_model_miscopies_common_and_leave_the_default_world_alone():
+    """Ralolis, Nellistor, Finmimi: about 15% of the world's name words echo a syllable; echo_names=1 makes every
+    word do so, 0.3 about a third. The names stay unique and share no word, and the default draws the same world."""
+    from k2batch.demo.world import name_words
+
+    assert make_world(seed=5, echo_names=0.0) == make_world(seed=5)
+    share = {}
+    for echo in (0.0, 0.3, 1.0):
+        world = make_world(seed=5, held_out_fraction=0.0, echo_names=echo)
+        words = name_words(world)
+        names = [e.name for e in world.entities]
+        assert len(set(names)) == len(names) == 2100
+        assert len(words) == 300 + 900 + 2 * 900  # one word a city and company, two a person: none shared
+        share[echo] = sum(map(_echoed, words)) / len(words)
+    assert share[1.0] == 1.0
+    assert 0.10 < share[0.0] < 0.20 and share[0.3] > share[0.0] + 0.12
+    assert all(_echoed(n) for n in ("Ralolis", "Nellistor", "Finmimi", "Vexrosros"))
+    import pytest
+
+    with pytest.raises(ValueError, match="echo_names must be in"):
+        make_world(echo_names=1.5)
+
+
 def test_make_jobs_rejects_an_unknown_task_or_a_fraction_outside_0_1(world):
     import pytest
 
@@ -136,6 +174,21 @@ def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
     assert "Return of functions.search" in text and "Return of functions.calculator" in text
     assert not any(word in reserved for word in re.findall(r"[A-Z][a-z]+", text))
     assert not any(re.search(rf"\b{re.escape(name)}\b", text) for name in demo.held_out)
+
+
+def test_build_data_gives_echo_names_to_the_fresh_worlds_only(tmp_path):
+    import polars as pl
+    import pytest
+
+    from k2batch.demo.train import build_data
+    from k2batch.demo.world import COMPANY_SUFFIXES
+
+    with pytest.raises(ValueError, match="echo_names needs fresh_worlds"):
+        build_data(3, seed=0, fresh_worlds=0, echo_names=0.5)
+    episodes = build_data(3, seed=0, fresh_worlds=1, work_dir=tmp_path, echo_names=1.0)
+    assert episodes
+    titles = pl.read_parquet(tmp_path / "fresh-0-0.parquet")["title"]
+    assert all(_echoed(w) for t in titles for w in t.split() if w not in COMPANY_SUFFIXES)
 
 
 def test_traceable_needs_every_number_doc_id_category_and_name_in_a_tool_result():
