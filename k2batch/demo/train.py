@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -413,6 +414,23 @@ def build_data(
     return episodes
 
 
+def code_version() -> dict | None:
+    """The git commit of the code that trains, and whether tracked files differed from it; None outside a git
+    checkout of this repository. training.json keeps it: a run from scratch lands where the exact float arithmetic
+    takes it, so the code is part of the recipe (workspace/README.md)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").exists():
+        return None
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit.strip(), "dirty": bool(changes.strip())}
+
+
 def train_demo(
     out: str | Path,
     *,
@@ -469,6 +487,7 @@ def train_demo(
                    threads=torch.get_num_threads())  # fmt: skip
     if command is not None:
         summary["command"] = command
+    summary["code"] = code_version()
     if init_record is not None:
         summary["init_training"] = init_record
     for path in (out, bf16_out):

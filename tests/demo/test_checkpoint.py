@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,15 @@ def test_training_json_holds_the_commands_that_reproduce_the_committed_checkpoin
         argv = shlex.split(run["command"])
         assert argv[:2] == ["k2batch", "train-demo"]
         assert settings(cli.build_parser().parse_args(argv[1:])) == recorded_settings(run)
+    # The newest run names the commit of the code it ran on (a run from scratch lands where the float arithmetic
+    # takes it), and that commit is in this repository's history (unless the clone is shallow).
+    code = runs[0]["code"]
+    assert code["dirty"] is False and re.fullmatch(r"[0-9a-f]{40}", code["commit"])
+    git = ["git", "-C", str(DEMO)]
+    shallow = subprocess.run([*git, "rev-parse", "--is-shallow-repository"], capture_output=True, text=True).stdout
+    if shallow.strip() == "false":
+        found = subprocess.run([*git, "cat-file", "-e", f"{code['commit']}^{{commit}}"], capture_output=True, text=True)
+        assert found.returncode == 0, found.stderr
 
 
 def test_train_demo_rejects_a_negative_number_of_fresh_worlds(capsys):

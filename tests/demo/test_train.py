@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,6 +295,9 @@ def test_train_demo_command_goes_on_from_a_checkpoint_and_records_both_runs(tmp_
     assert "init_training" not in record["init_training"] and record["init_training"]["init"] is None
     reparsed = cli.build_parser().parse_args(shlex.split(record["command"])[1:])
     assert (reparsed.init, reparsed.lr, reparsed.seed) == (f"{first}-bf16", 1e-4, 1)
+    # The code that trained it: this checkout's commit (the tests run from a git clone).
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert record["code"]["commit"] == head.stdout.strip() and isinstance(record["code"]["dirty"], bool)
 
 
 def reference_attention(q, k, v, mask, scale):
