@@ -452,6 +452,7 @@ def train_demo(
     checkpoint), its tokenizer is kept, training goes on from its weights, and its training.json is kept as
     `init_training`."""
     started = time.perf_counter()
+    code = code_version()  # now: the tree may change while the run goes on
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -487,7 +488,7 @@ def train_demo(
                    threads=torch.get_num_threads())  # fmt: skip
     if command is not None:
         summary["command"] = command
-    summary["code"] = code_version()
+    summary["code"] = code
     if init_record is not None:
         summary["init_training"] = init_record
     for path in (out, bf16_out):
