@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from k2batch.demo.world import PROFESSIONS, REGIONS, SECTORS, Entity, World
+from k2batch.demo.world import COMPANY_SUFFIXES, PROFESSIONS, REGIONS, SECTORS, Entity, World
 
 TASKS = ("retrieval", "draft", "synthesis")
 SEARCH_K = 3
@@ -162,23 +162,70 @@ def _search_args(name: str) -> dict[str, Any]:
     return {"query": name, "k": SEARCH_K}
 
 
-def gold_episode(job: DemoJob, world: World, run_tool: ToolRunner) -> list[dict[str, Any]] | None:
+def misspell(name: str, rng: random.Random) -> str:
+    """`name` as a small model miscopies it: one word (a company's suffix aside) with its last letters written
+    twice ("Desdor" -> "Desdordor"), two or three inner letters dropped ("Ralolis" -> "Ralis"), or an inner
+    chunk written twice; never `name` itself."""
+    words = name.split()
+    i = rng.randrange(len(words) - 1) if words[-1] in COMPANY_SUFFIXES else rng.randrange(len(words))
+    word = words[i].lower()
+    size = rng.randint(2, 3)
+    how = rng.choice(("tail", "drop", "inner")) if len(word) > size + 1 else "tail"
+    if how == "tail":
+        wrong = word + word[-size:]
+    else:
+        at = rng.randrange(1, len(word) - size)
+        wrong = word[:at] + word[at + size :] if how == "drop" else word[: at + size] + word[at:]
+    words[i] = wrong.capitalize()
+    return " ".join(words)
+
+
+def _retry(name: str, wrong: str, result: str, index: int) -> dict[str, Any]:
+    """The turn after a search for a miscopied name that missed the entity: say so, search for the right name."""
+    seen = f"The search for {wrong} found nothing." if result.startswith("no results") else (
+        f"The results for {wrong} are not about {name}.")  # fmt: skip
+    return _assistant(f"{seen} The question names {name}. I will search the corpus for {name}.",
+                      calls=[_call(index, "search", _search_args(name))])  # fmt: skip
+
+
+def gold_episode(
+    job: DemoJob, world: World, run_tool: ToolRunner, typo: tuple[str, str] | None = None
+) -> list[dict[str, Any]] | None:
     """The messages after the user turn that a perfect agent produces, tool results from `run_tool`.
 
-    None when the search does not return the entity's document (then no answer can cite it)."""
+    With `typo` = (name, wrong), the episode starts from a mistake: the first turn searches for `wrong` (a
+    miscopy of the entity `name`, `misspell`). That turn is marked `"mistake": True` (context, not a target to
+    learn); if its search misses the entity's document, the next turn says so and searches for `name`, the
+    recovery a model needs when it miscopies a name. None when the search does not return the entity's document
+    (then no answer can cite it)."""
     entities = {e.name: e for e in world.entities}
     found = [entities[name] for name in job.entities]
+    if typo is not None and typo[0] not in job.entities:
+        raise ValueError(f"typo {typo!r} names no entity of job {job.job_id}")
+    asked = {name: (typo[1] if typo and name == typo[0] else name) for name in job.entities}
+    mistake = {"mistake": True} if typo else {}
     if job.task == "synthesis":
         a, b = found
         fact, noun = SYNTHESIS[a.kind]
         phrase = {"population": "population", "employees": "number of employees", "patents": "number of patents"}[fact]
-        calls = [_call(0, "search", _search_args(a.name)), _call(1, "search", _search_args(b.name))]
-        step1 = _assistant(f"I need the {phrase} of {a.name} and of {b.name}. I will search for both.", calls=calls)
+        calls = [_call(0, "search", _search_args(asked[a.name])), _call(1, "search", _search_args(asked[b.name]))]
+        step1 = _assistant(f"I need the {phrase} of {asked[a.name]} and of {asked[b.name]}. I will search for both.",
+                           calls=calls) | mistake  # fmt: skip
         results1 = _run_calls(calls, run_tool)
+        steps = [step1, *results1]
+        next_call = 2
+        if typo:
+            missed = [(e, r) for e, r in zip(found, results1, strict=True) if e.doc_id not in r["content"]]
+            if len(missed) == 1 and missed[0][0].name == typo[0]:
+                retry = _retry(typo[0], typo[1], missed[0][1]["content"], next_call)
+                again = _run_calls(retry["tool_calls"], run_tool)
+                results1 = [again[0] if e.name == typo[0] else r for e, r in zip(found, results1, strict=True)]
+                steps += [retry, *again]
+                next_call += 1
         if any(e.doc_id not in r["content"] for e, r in zip(found, results1, strict=True)):
             return None
         va, vb = a.facts[fact], b.facts[fact]
-        calc = [_call(2, "calculator", {"expression": f"{va} - {vb}"})]
+        calc = [_call(next_call, "calculator", {"expression": f"{va} - {vb}"})]
         step2 = _assistant(
             f"{a.doc_id} gives the {phrase} of {a.name}: {va}. {b.doc_id} gives the {phrase} of {b.name}: {vb}. "
             f"I will subtract the second from the first.",
@@ -192,26 +239,32 @@ def gold_episode(job: DemoJob, world: World, run_tool: ToolRunner) -> list[dict[
             f"The difference is {diff}, which is {sign}, so {winner.name} has more.",
             f"{winner.name} has more {noun} than {loser.name}, by {diff.lstrip('-')} [{winner.doc_id}, {loser.doc_id}].",
         )
-        return [step1, *results1, step2, *results2, final]
+        return [*steps, step2, *results2, final]
 
     (entity,) = found
-    calls = [_call(0, "search", _search_args(entity.name))]
+    query = asked[entity.name]
+    calls = [_call(0, "search", _search_args(query))]
     if job.task == "retrieval":
         fact = job.expected["fact"]
         _, phrase, sentence = RETRIEVAL[(entity.kind, fact)]
-        step1 = _assistant(f"The user wants the {phrase} of {entity.name}. I will search the corpus for {entity.name}.",
+        step1 = _assistant(f"The user wants the {phrase} of {query}. I will search the corpus for {query}.",
                            calls=calls)  # fmt: skip
         reading = f"{entity.doc_id} is about {entity.name}. It gives the {phrase}: {entity.facts[fact]}."
         answer = sentence.format(n=entity.name, v=entity.facts[fact])
     else:
-        step1 = _assistant(f"I need the facts about {entity.name} for a profile. I will search the corpus for "
-                           f"{entity.name}.", calls=calls)  # fmt: skip
+        step1 = _assistant(f"I need the facts about {query} for a profile. I will search the corpus for {query}.",
+                           calls=calls)  # fmt: skip
         reading = f"{entity.doc_id} is about {entity.name}. It has all the facts for the profile."
         answer = PROFILE[entity.kind].format(n=entity.name, **entity.facts)
     results = _run_calls(calls, run_tool)
+    steps = [step1 | mistake, *results]
+    if typo and entity.doc_id not in results[0]["content"]:
+        retry = _retry(entity.name, query, results[0]["content"], 1)
+        results = _run_calls(retry["tool_calls"], run_tool)
+        steps += [retry, *results]
     if entity.doc_id not in results[0]["content"]:
         return None
-    return [step1, *results, _assistant(reading, f"{answer} [{entity.doc_id}].")]
+    return [*steps, _assistant(reading, f"{answer} [{entity.doc_id}].")]
 
 
 # ---- grading -------------------------------------------------------------------------------------------------

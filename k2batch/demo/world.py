@@ -51,16 +51,40 @@ def _word(rng: random.Random, syllables: int, echo: float = 0.0) -> str:
     return "".join(parts).capitalize()
 
 
+def _echo_digits(rng: random.Random, value: int, low: int, high: int) -> int:
+    """`value` with a chunk of one to three digits written again right after itself, two or three times for a
+    single digit (588989, 747000, 1616): the numbers a small model's induction shortens or runs on (5889,
+    7470000). The digit count stays; `value` itself if the echo leaves [low, high)."""
+    digits = str(value)
+    n = len(digits)
+    if n < 2:
+        return value
+    size = rng.randint(1, min(3, n // 2))
+    times = 3 if size == 1 and n >= 3 and rng.random() < 0.5 else 2
+    start = rng.randrange(n - times * size + 1)
+    chunk = digits[start : start + size]
+    echoed = int(digits[:start] + chunk * times + digits[start + times * size :])
+    return echoed if low <= echoed < high and len(str(echoed)) == n else value
+
+
 def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, num_people: int = 900,
                held_out_fraction: float = 0.15, reserved: frozenset[str] = frozenset(),
-               echo_names: float = 0.0) -> World:  # fmt: skip
+               echo_names: float = 0.0, echo_digits: float = 0.0) -> World:  # fmt: skip
     """Invented entities with unique names; every fact is drawn from `seed` alone. No name uses a word of
     `reserved` (the demo world's name words, for a training world that must not meet its held-out entities).
     An `echo_names` fraction of name words repeats a syllable or a letter at a syllable boundary (`_word`), the
-    names a small model miscopies; 0 (the default, and the demo world) draws exactly the names it always has."""
-    if not 0.0 <= echo_names <= 1.0:
-        raise ValueError(f"echo_names must be in [0, 1], got {echo_names}")
+    names a small model miscopies, and an `echo_digits` fraction of numbers repeats a chunk of digits
+    (`_echo_digits`: 588989); at 0 (the defaults, and the demo world) it draws exactly the world it always has."""
+    for option, fraction in (("echo_names", echo_names), ("echo_digits", echo_digits)):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{option} must be in [0, 1], got {fraction}")
     rng = random.Random(seed)
+
+    def number(low: int, high: int) -> int:
+        value = rng.randrange(low, high)
+        if echo_digits and rng.random() < echo_digits:  # no draw at all when 0
+            value = _echo_digits(rng, value, low, high)
+        return value
     used: set[str] = set(reserved)
 
     def unique(make) -> str:
@@ -82,16 +106,16 @@ def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, n
         entities.append(Entity(f"doc-{len(entities):04d}", kind, name, {k: str(v) for k, v in facts.items()}))
 
     for name in cities:
-        add("city", name, {"region": rng.choice(REGIONS), "population": rng.randrange(2_000, 900_000),
-                           "founded": rng.randrange(1100, 1900), "elevation": rng.randrange(5, 2500)})  # fmt: skip
+        add("city", name, {"region": rng.choice(REGIONS), "population": number(2_000, 900_000),
+                           "founded": number(1100, 1900), "elevation": number(5, 2500)})  # fmt: skip
     for _ in range(num_companies):
         name = unique(lambda: f"{word()} {rng.choice(COMPANY_SUFFIXES)}")
         add("company", name, {"sector": rng.choice(SECTORS), "city": rng.choice(cities),
-                              "founded": rng.randrange(1850, 2021), "employees": rng.randrange(20, 20_000)})  # fmt: skip
+                              "founded": number(1850, 2021), "employees": number(20, 20_000)})  # fmt: skip
     for _ in range(num_people):
         name = unique(lambda: f"{word()} {word()}")
         add("person", name, {"profession": rng.choice(PROFESSIONS), "city": rng.choice(cities),
-                             "born": rng.randrange(1940, 2004), "patents": rng.randrange(0, 400)})  # fmt: skip
+                             "born": number(1940, 2004), "patents": number(0, 400)})  # fmt: skip
     order = list(range(len(entities)))
     rng.shuffle(order)
     held_out = frozenset(entities[i].name for i in order[: int(len(entities) * held_out_fraction)])

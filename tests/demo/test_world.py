@@ -176,19 +176,22 @@ def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
     assert not any(re.search(rf"\b{re.escape(name)}\b", text) for name in demo.held_out)
 
 
-def test_build_data_gives_echo_names_to_the_fresh_worlds_only(tmp_path):
+def test_build_data_gives_echo_names_and_digits_to_the_fresh_worlds_only(tmp_path):
     import polars as pl
     import pytest
 
     from k2batch.demo.train import build_data
     from k2batch.demo.world import COMPANY_SUFFIXES
 
-    with pytest.raises(ValueError, match="echo_names needs fresh_worlds"):
-        build_data(3, seed=0, fresh_worlds=0, echo_names=0.5)
-    episodes = build_data(3, seed=0, fresh_worlds=1, work_dir=tmp_path, echo_names=1.0)
+    for option in ("echo_names", "echo_digits"):
+        with pytest.raises(ValueError, match="echo_names and echo_digits need fresh_worlds"):
+            build_data(3, seed=0, fresh_worlds=0, **{option: 0.5})
+    episodes = build_data(3, seed=0, fresh_worlds=1, work_dir=tmp_path, echo_names=1.0, echo_digits=1.0)
     assert episodes
-    titles = pl.read_parquet(tmp_path / "fresh-0-0.parquet")["title"]
-    assert all(_echoed(w) for t in titles for w in t.split() if w not in COMPANY_SUFFIXES)
+    corpus = pl.read_parquet(tmp_path / "fresh-0-0.parquet")
+    assert all(_echoed(w) for t in corpus["title"] for w in t.split() if w not in COMPANY_SUFFIXES)
+    numbers = [n for text in corpus["text"] for n in re.findall(r"\b\d{2,}\b", text)]
+    assert sum(map(_echoed_digits, numbers)) > 0.75 * len(numbers)  # some echoes would leave the range
 
 
 def test_traceable_needs_every_number_doc_id_category_and_name_in_a_tool_result():
@@ -201,3 +204,8 @@ def test_traceable_needs_every_number_doc_id_category_and_name_in_a_tool_result(
                   good.replace("1805", "1850"), good.replace("doc-0171", "doc-0117")):  # fmt: skip
         assert not traceable(wrong, results), wrong
     assert not traceable(None, results) and not traceable("", results)
+
+
+def _echoed_digits(number: str) -> bool:
+    """Whether a chunk of one to three digits is written twice in a row (588989, 1616, 747000)."""
+    return re.search(r"(\d{1,3})\1", number) is not None
