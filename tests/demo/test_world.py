@@ -7,7 +7,7 @@ import re
 
 from k2batch.agent.tools import TOOLS
 from k2batch.config import load_config
-from k2batch.demo.data import assistant_text, episode_pieces, initial_messages, tool_runner
+from k2batch.demo.data import assistant_text, episode_pieces, initial_messages, tool_runner, training_pieces
 from k2batch.demo.tasks import TASKS, gold_episode, grade, job_rows, make_jobs, traceable
 from k2batch.demo.world import corpus_table, make_world
 from k2batch.tokenizer import parse_assistant, render_chat
@@ -209,3 +209,117 @@ def test_traceable_needs_every_number_doc_id_category_and_name_in_a_tool_result(
 def _echoed_digits(number: str) -> bool:
     """Whether a chunk of one to three digits is written twice in a row (588989, 1616, 747000)."""
     return re.search(r"(\d{1,3})\1", number) is not None
+
+
+def test_echo_digits_repeat_a_chunk_of_digits_in_range_and_leave_the_default_world_alone():
+    """588989, 747000, 1616: an echo_digits fraction of the numbers writes a chunk of digits again right after
+    itself, keeping the digit count and the fact's range; 0 draws the same world as before."""
+    import random
+
+    import pytest
+
+    from k2batch.demo.world import _echo_digits
+
+    assert make_world(seed=5, echo_digits=0.0) == make_world(seed=5)
+    share = {}
+    for echo in (0.0, 0.5):
+        world = make_world(seed=5, held_out_fraction=0.0, echo_digits=echo)
+        numbers = [v for e in world.entities for v in e.facts.values() if v.isdigit() and len(v) >= 2]
+        share[echo] = sum(map(_echoed_digits, numbers)) / len(numbers)
+        for e in world.entities:
+            f = e.facts
+            if e.kind == "city":
+                assert 2_000 <= int(f["population"]) < 900_000 and 1100 <= int(f["founded"]) < 1900
+    assert share[0.5] > share[0.0] + 0.2  # about 28% of drawn numbers echo by chance (1616, 44)
+    rng = random.Random(0)
+    for value in (588_139, 74_702, 1_627, 35, 9):
+        echoed = _echo_digits(rng, value, 0, 10**7)
+        assert len(str(echoed)) == len(str(value))
+        assert echoed == value if value < 10 else _echoed_digits(str(echoed))
+    assert _echo_digits(random.Random(0), 399, 0, 400) in range(400)  # never leaves [low, high)
+    with pytest.raises(ValueError, match="echo_digits must be in"):
+        make_world(echo_digits=-0.5)
+
+
+def test_misspell_miscopies_one_word_of_a_name_and_never_a_company_suffix():
+    import random
+
+    from k2batch.demo.tasks import misspell
+
+    rng = random.Random(1)
+    for name in ("Desdor", "Ralolis", "Nellozor Perulvex", "Desdor Labs", "Ka"):
+        for _ in range(30):
+            wrong = misspell(name, rng)
+            words, typed = name.split(), wrong.split()
+            assert wrong != name and len(typed) == len(words)
+            assert sum(a != b for a, b in zip(words, typed, strict=True)) == 1
+            assert typed[-1] == words[-1] or name != "Desdor Labs"
+            assert all(w[0].isupper() and w[1:].islower() for w in typed)
+
+
+def _typo_job(world, task, kind):
+    """A training job of `task` over an entity of `kind` (for synthesis: the first of the pair)."""
+    by_name = {e.name: e for e in world.entities}
+    return next(
+        j for j in make_jobs(world, 300, seed=4, held_out=False) if j.task == task and by_name[j.entities[0]].kind == kind
+    )
+
+
+def test_a_typo_episode_learns_the_recovery_not_the_mistake(world, corpus):
+    """The first turn searches for a miscopied name: no loss on it. A city's misspelled name finds nothing, a
+    company's finds other companies ("Labs"); either way the next turn says so and searches for the question's
+    name, and the episode goes on to the same correct, traceable answer."""
+    import pytest
+
+    config = load_config()
+    run_tool = tool_runner(config, corpus)
+    for task, kind, seen in (("retrieval", "city", "found nothing"), ("draft", "company", "are not about"),
+                             ("synthesis", "city", "found nothing")):  # fmt: skip
+        job = _typo_job(world, task, kind)
+        name = job.entities[0]
+        wrong = name.split()[0] + "dordor" + "".join(" " + w for w in name.split()[1:])
+        steps = gold_episode(job, world, run_tool, (name, wrong))
+        assistants = [m for m in steps if m["role"] == "assistant"]
+        assert [bool(m.get("mistake")) for m in assistants] == [True] + [False] * (len(assistants) - 1)
+        assert wrong in assistants[0]["reasoning_content"]
+        assert not re.search(rf"\b{name}\b", assistants[0]["reasoning_content"])
+        first_calls = [json.loads(c["function"]["arguments"])["query"] for c in assistants[0]["tool_calls"]]
+        assert wrong in first_calls
+        retry = assistants[1]
+        assert seen in retry["reasoning_content"] and f"The question names {name}." in retry["reasoning_content"]
+        assert [json.loads(c["function"]["arguments"])["query"] for c in retry["tool_calls"]] == [name]
+        ids = [c["id"] for m in assistants for c in m.get("tool_calls", [])]
+        assert ids == [f"functions.{c['function']['name']}:{i}" for i, c in
+                       enumerate(c for m in assistants for c in m.get("tool_calls", []))]  # fmt: skip
+        answer = assistants[-1]["content"]
+        assert grade(job.task, job.expected, answer)
+        assert traceable(answer, [m["content"] for m in steps if m["role"] == "tool"])
+        pieces = episode_pieces(None, TOOLS.schemas(job.tools), initial_messages(job, config), steps)
+        generated = [g for _, g in pieces]
+        assert generated[:2] == [False, False] and generated.count(True) == len(assistants) - 1
+        # The typo's turn is still in the rendered conversation the later turns are trained on.
+        assert wrong in "".join(text for text, _ in pieces)
+    # A person's misspelled word leaves the other word to find the document: the episode reads it, no retry.
+    job = _typo_job(world, "retrieval", "person")
+    first, last = job.entities[0].split()
+    steps = gold_episode(job, world, run_tool, (job.entities[0], f"{first} {last}{last[-2:]}"))
+    assert [bool(m.get("mistake")) for m in steps if m["role"] == "assistant"] == [True, False]
+    assert grade(job.task, job.expected, steps[-1]["content"])
+    with pytest.raises(ValueError, match="names no entity"):
+        gold_episode(job, world, run_tool, ("Nobody", "Nobbody"))
+
+
+def test_training_pieces_start_a_typos_fraction_of_episodes_from_a_mistake(world, corpus):
+    import pytest
+
+    config = load_config()
+    jobs = make_jobs(world, 60, seed=1, held_out=False)
+    plain = training_pieces(jobs, world, config, corpus, None)
+    assert training_pieces(jobs, world, config, corpus, None, typos=0.0, seed=9) == plain
+    typed = training_pieces(jobs, world, config, corpus, None, typos=0.5, seed=9)
+    assert typed == training_pieces(jobs, world, config, corpus, None, typos=0.5, seed=9)
+    # A mistake turn is an assistant turn without loss: the second piece of its episode is not generated.
+    mistakes = sum(not pieces[1][1] for pieces in typed)
+    assert 15 <= mistakes <= 45 and all(pieces[1][1] for pieces in plain)
+    with pytest.raises(ValueError, match="typos must be in"):
+        training_pieces(jobs, world, config, corpus, None, typos=2.0)
