@@ -207,6 +207,12 @@ def run_episodes(
         if out.finish_reason == "length":
             return finish(ep, "token_limit", "token_limit", f"step {ep.step - 1} stopped at its token budget")
         if not parsed.tool_calls:
+            # The final turn: an answer that did not parse, or none at all, is not a result to hand on as ok.
+            if parsed.errors:
+                why = "; ".join(parsed.errors)
+                return finish(ep, "error", "malformed_output", f"step {ep.step - 1}: the answer did not parse: {why}")
+            if not parsed.content.strip():
+                return finish(ep, "error", "empty_answer", f"step {ep.step - 1} ended the episode with no answer")
             return finish(ep, "ok")
         ep.messages.append(assistant_message(parsed))
         ep.tool_results = [None] * len(parsed.tool_calls)

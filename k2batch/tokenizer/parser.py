@@ -54,6 +54,8 @@ def parse_assistant(text: str, tool_names: set[str] | None = None) -> ParsedAssi
     content = rest if section < 0 else rest[:section]
     if CALL_BEGIN in content:
         errors.append(f"tool calls outside a tool-call section ignored (no {SECTION_BEGIN} before them)")
+    elif stray := [token for token in (ARGUMENT_BEGIN, CALL_END, SECTION_END) if token in content]:
+        errors.append(f"tool-call markup in the content: {', '.join(stray)} (no {SECTION_BEGIN} before it)")
     calls = [] if section < 0 else _parse_section(rest[section + len(SECTION_BEGIN) :], tool_names, errors)
     return ParsedAssistant(reasoning, content, calls, errors, "tool_calls" if calls else "stop")
 

@@ -138,6 +138,30 @@ def test_budgets_end_episodes_with_their_status(scripted_engine):
     assert not engine.scheduler.kept
 
 
+def test_a_final_turn_that_does_not_parse_or_says_nothing_is_an_error_not_an_answer(k2_checkpoint):
+    """Step 1 of each job is scripted: a clean answer is ok; stray tool-call markup, or an empty answer, ends the
+    episode with status error and the reason, the text staying in the trace."""
+    engine = engine_for(k2_checkpoint)
+    encode = engine.tokenizer.encode_chat
+    answers = {
+        "clean": ANSWER,
+        "markup": '<think>lost</think>Qubertzon", "k": 3}<|tool_call_end|><|tool_calls_section_end|><|im_end|>',
+        "empty": "<think>doc-1657 is in Yentordor.</think><|im_end|>",
+    }
+    script_steps(engine, {":0": encode(CALLS), **{f"{job}:1": encode(text) for job, text in answers.items()}})
+    outcomes = {o.result.job_id: o for o in run_episodes(engine, engine.tokenizer, [spec(j, per_episode=400) for j in answers],
+                                                         caller(list(answers)))}  # fmt: skip
+    clean, markup, empty = (outcomes[j].result for j in answers)
+    assert (clean.status, clean.answer, clean.error_type) == ("ok", "2+3 is 5.", None)
+    assert (markup.status, markup.error_type, markup.answer) == ("error", "malformed_output", None)
+    assert markup.error_message.startswith("step 1: the answer did not parse: tool-call markup in the content")
+    assert (empty.status, empty.error_type, empty.answer) == ("error", "empty_answer", None)
+    assert empty.error_message == "step 1 ended the episode with no answer"
+    assert empty.reasoning == "doc-1657 is in Yentordor." and markup.steps == empty.steps == 2
+    last = [s for s in outcomes["markup"].spans if s.operation == "chat"][-1]
+    assert last.content.endswith("<|tool_calls_section_end|>")
+
+
 def test_replay_with_recorded_results_reproduces_tokens(k2_checkpoint):
     def run(call):
         engine = engine_for(k2_checkpoint)

@@ -113,6 +113,18 @@ def test_calls_outside_a_section():
     ]
 
 
+def test_stray_tool_call_markup_in_an_answer_is_an_error():
+    """A model that loses its place can write the tail of a call as its answer (seen from the demo model on a
+    name no document holds): the answer is not clean, so the parser says so."""
+    parsed = parse_assistant('<think>x</think>Qubertzon", "k": 3}<|tool_call_end|><|tool_calls_section_end|>')
+    assert parsed.tool_calls == [] and parsed.finish == "stop"
+    assert parsed.errors == [
+        "tool-call markup in the content: <|tool_call_end|>, <|tool_calls_section_end|> "
+        "(no <|tool_calls_section_begin|> before it)"
+    ]
+    assert parse_assistant("<think>x</think>It was founded in 1616 [doc-0036].").errors == []
+
+
 @pytest.mark.parametrize(
     ("call_id", "name", "error"),
     [
