@@ -62,7 +62,8 @@ def train_demo(args: argparse.Namespace) -> None:
         bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
         qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
         share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
-        echo_names=args.echo_names, echo_digits=args.echo_digits, typos=args.typos, lr=args.lr, init=args.init, command=shlex.join(["k2batch", *args.argv]),
+        echo_names=args.echo_names, echo_digits=args.echo_digits, typos=args.typos, lr=args.lr, init=args.init,
+        command=shlex.join(["k2batch", *args.argv]),
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 

@@ -488,8 +488,8 @@ def train_demo(
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             (bf16_out / name).write_bytes((out / name).read_bytes())
     summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, tasks=list(tasks), balanced_lengths=balanced_lengths,
-                   echo_names=echo_names, echo_digits=echo_digits, typos=typos, episodes=len(examples), wall_s=round(time.perf_counter() - started, 1),
-                   threads=torch.get_num_threads())  # fmt: skip
+                   echo_names=echo_names, echo_digits=echo_digits, typos=typos, episodes=len(examples),
+                   wall_s=round(time.perf_counter() - started, 1), threads=torch.get_num_threads())  # fmt: skip
     if command is not None:
         summary["command"] = command
     summary["code"] = code

@@ -149,8 +149,8 @@ def test_a_final_turn_that_does_not_parse_or_says_nothing_is_an_error_not_an_ans
         "empty": "<think>doc-1657 is in Yentordor.</think><|im_end|>",
     }
     script_steps(engine, {":0": encode(CALLS), **{f"{job}:1": encode(text) for job, text in answers.items()}})
-    outcomes = {o.result.job_id: o for o in run_episodes(engine, engine.tokenizer, [spec(j, per_episode=400) for j in answers],
-                                                         caller(list(answers)))}  # fmt: skip
+    specs = [spec(job, per_episode=400) for job in answers]
+    outcomes = {o.result.job_id: o for o in run_episodes(engine, engine.tokenizer, specs, caller(list(answers)))}
     clean, markup, empty = (outcomes[j].result for j in answers)
     assert (clean.status, clean.answer, clean.error_type) == ("ok", "2+3 is 5.", None)
     assert (markup.status, markup.error_type, markup.answer) == ("error", "malformed_output", None)

@@ -69,7 +69,8 @@ def settings(args) -> tuple:
 def recorded_settings(run: dict) -> tuple:
     return (run["seed"], run["num_jobs"], run["steps"], run["qat_steps"], run["lr"], run["qk_clip_threshold"],
             run.get("fresh_worlds", 0), tuple(run.get("tasks", TASKS)), run.get("balanced_lengths", 0.0),
-            run.get("echo_names", 0.0), run.get("echo_digits", 0.0), run.get("typos", 0.0), run.get("init"))  # fmt: skip
+            run.get("echo_names", 0.0), run.get("echo_digits", 0.0), run.get("typos", 0.0),
+            run.get("init"))  # fmt: skip
 
 
 def test_training_json_holds_the_commands_that_reproduce_the_committed_checkpoint():

@@ -261,7 +261,8 @@ def _typo_job(world, task, kind):
     """A training job of `task` over an entity of `kind` (for synthesis: the first of the pair)."""
     by_name = {e.name: e for e in world.entities}
     return next(
-        j for j in make_jobs(world, 300, seed=4, held_out=False) if j.task == task and by_name[j.entities[0]].kind == kind
+        j for j in make_jobs(world, 300, seed=4, held_out=False)
+        if j.task == task and by_name[j.entities[0]].kind == kind
     )
 
 
