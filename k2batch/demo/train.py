@@ -365,7 +365,7 @@ def write_generation_config(path: Path, special: dict[str, int]) -> None:
 
 
 FRESH_WORLD_SEED = 1_000_000  # fresh world i of training seed s is make_world(FRESH_WORLD_SEED + 1000 * s + i)
-# Synthesis pairs of uniformly drawn digit counts (make_jobs): 0 in run 1 of the committed recipe, 0.5 in runs 2 and 3.
+# Synthesis pairs of uniformly drawn digit counts (make_jobs): 0 in run 1 of the committed recipe, 0.5 in runs 2 to 4.
 BALANCED_LENGTHS = 0.0
 
 
