@@ -377,8 +377,7 @@ def build_data(
     """Gold episodes of `num_jobs` training jobs, tool results from the real tools; `tasks` and
     `balanced_lengths` set the job mix (`make_jobs`), `echo_names` and `echo_digits` the fresh worlds' share of
     names with a repeated syllable or letter and of numbers with a repeated chunk of digits, `mixed_regions` of
-    cities in a region that pairs the six regions' words anew (`make_world`), `typos` the share of episodes that
-    recover from a search for a miscopied name (`training_pieces`).
+    cities in a region that pairs the six regions' words anew (`make_world`), `typos` the share of episodes that recover from a search for a miscopied name (`training_pieces`).
 
     With `fresh_worlds` = 0, over the demo world's training entities. Otherwise (the committed recipe: 16)
     spread over that many fresh worlds, each with its own corpus under `work_dir`, whose names share no word with
