@@ -63,15 +63,13 @@ def recipe(record: dict) -> list[dict]:
 
 def settings(args) -> tuple:
     return (args.seed, args.jobs, args.steps, args.qat_steps, args.lr, args.qk_clip, args.fresh_worlds, args.tasks,
-            args.balanced_lengths, args.echo_names, args.echo_digits, args.mixed_regions, args.typos,
-            args.init)  # fmt: skip
+            args.balanced_lengths, args.echo_names, args.echo_digits, args.typos, args.init)  # fmt: skip
 
 
 def recorded_settings(run: dict) -> tuple:
     return (run["seed"], run["num_jobs"], run["steps"], run["qat_steps"], run["lr"], run["qk_clip_threshold"],
             run.get("fresh_worlds", 0), tuple(run.get("tasks", TASKS)), run.get("balanced_lengths", 0.0),
-            run.get("echo_names", 0.0), run.get("echo_digits", 0.0), run.get("mixed_regions", 0.0),
-            run.get("typos", 0.0),
+            run.get("echo_names", 0.0), run.get("echo_digits", 0.0), run.get("typos", 0.0),
             run.get("init"))  # fmt: skip
 
 
@@ -88,9 +86,9 @@ def test_training_json_holds_the_commands_that_reproduce_the_committed_checkpoin
     defaults = inspect.signature(train_demo).parameters
     assert (defaults["num_jobs"].default, defaults["fresh_worlds"].default, defaults["tasks"].default,
             defaults["balanced_lengths"].default, defaults["echo_names"].default, defaults["echo_digits"].default,
-            defaults["mixed_regions"].default, defaults["typos"].default) == (
+            defaults["typos"].default) == (
         args.jobs, args.fresh_worlds, args.tasks, args.balanced_lengths, args.echo_names, args.echo_digits,
-        args.mixed_regions, args.typos)  # fmt: skip
+        args.typos)  # fmt: skip
     for run in later:
         argv = shlex.split(run["command"])
         assert argv[:2] == ["k2batch", "train-demo"]
@@ -119,7 +117,6 @@ def test_train_demo_parses_the_task_mix_and_rejects_bad_ones(capsys):
                                  ("--balanced-lengths", "2", "must be in [0, 1], got 2.0"),
                                  ("--echo-names", "-0.1", "must be in [0, 1], got -0.1"),
                                  ("--echo-digits", "1.5", "must be in [0, 1], got 1.5"),
-                                 ("--mixed-regions", "2", "must be in [0, 1], got 2.0"),
                                  ("--typos", "-1", "must be in [0, 1], got -1.0")):  # fmt: skip
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["train-demo", flag, value])

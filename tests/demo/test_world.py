@@ -176,22 +176,19 @@ def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
     assert not any(re.search(rf"\b{re.escape(name)}\b", text) for name in demo.held_out)
 
 
-def test_build_data_gives_echoes_and_mixed_regions_to_the_fresh_worlds_only(tmp_path):
+def test_build_data_gives_echo_names_and_digits_to_the_fresh_worlds_only(tmp_path):
     import polars as pl
     import pytest
 
     from k2batch.demo.train import build_data
-    from k2batch.demo.world import COMPANY_SUFFIXES, REGIONS
+    from k2batch.demo.world import COMPANY_SUFFIXES
 
-    for option in ("echo_names", "echo_digits", "mixed_regions"):
+    for option in ("echo_names", "echo_digits"):
         with pytest.raises(ValueError, match="echo_names, echo_digits and mixed_regions need fresh_worlds"):
             build_data(3, seed=0, fresh_worlds=0, **{option: 0.5})
-    episodes = build_data(3, seed=0, fresh_worlds=1, work_dir=tmp_path, echo_names=1.0, echo_digits=1.0,
-                          mixed_regions=1.0)  # fmt: skip
+    episodes = build_data(3, seed=0, fresh_worlds=1, work_dir=tmp_path, echo_names=1.0, echo_digits=1.0)
     assert episodes
     corpus = pl.read_parquet(tmp_path / "fresh-0-0.parquet")
-    regions = [m for text in corpus["text"] for m in re.findall(r"is a city in the (\w+ \w+) region", text)]
-    assert regions and not set(regions) & set(REGIONS)
     assert all(_echoed(w) for t in corpus["title"] for w in t.split() if w not in COMPANY_SUFFIXES)
     numbers = [n for text in corpus["text"] for n in re.findall(r"\b\d{2,}\b", text)]
     assert sum(map(_echoed_digits, numbers)) > 0.75 * len(numbers)  # some echoes would leave the range
@@ -242,31 +239,6 @@ def test_echo_digits_repeat_a_chunk_of_digits_in_range_and_leave_the_default_wor
     assert _echo_digits(random.Random(0), 399, 0, 400) in range(400)  # never leaves [low, high)
     with pytest.raises(ValueError, match="echo_digits must be in"):
         make_world(echo_digits=-0.5)
-
-
-def test_mixed_regions_pair_the_region_words_anew_and_leave_the_default_world_alone():
-    """A mixed_regions fraction of cities lies in a region no one of the six is ("west coast"), made of their
-    words; the documents say it like any region, and 0 draws the same world as before."""
-    import pytest
-
-    from k2batch.demo.world import REGION_LANDS, REGION_PLACES, REGIONS, document
-
-    assert make_world(seed=5, mixed_regions=0.0) == make_world(seed=5)
-    assert len(REGION_PLACES) * len(REGION_LANDS) > len(REGIONS)
-    shares = {}
-    for mixed in (0.0, 0.5, 1.0):
-        world = make_world(seed=5, held_out_fraction=0.0, mixed_regions=mixed)
-        regions = [e.facts["region"] for e in world.entities if e.kind == "city"]
-        for region in regions:
-            place, land = region.split()
-            assert place in REGION_PLACES and land in REGION_LANDS
-        shares[mixed] = sum(r not in REGIONS for r in regions) / len(regions)
-    assert shares[0.0] == 0.0 and 0.35 < shares[0.5] < 0.65 and shares[1.0] == 1.0
-    assert len({e.facts["region"] for e in world.entities if e.kind == "city"}) > 12  # many pairs, not a few
-    city = next(e for e in world.entities if e.kind == "city")
-    assert f"is a city in the {city.facts['region']} region." in document(city)
-    with pytest.raises(ValueError, match="mixed_regions must be in"):
-        make_world(mixed_regions=1.5)
 
 
 def test_misspell_miscopies_one_word_of_a_name_and_never_a_company_suffix():
