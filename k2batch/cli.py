@@ -62,8 +62,7 @@ def train_demo(args: argparse.Namespace) -> None:
         bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
         qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
         share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
-        echo_names=args.echo_names, echo_digits=args.echo_digits, mixed_regions=args.mixed_regions,
-        typos=args.typos, lr=args.lr, init=args.init,
+        echo_names=args.echo_names, echo_digits=args.echo_digits, typos=args.typos, lr=args.lr, init=args.init,
         command=shlex.join(["k2batch", *args.argv]),
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
@@ -184,9 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of fresh-world name words with a repeated syllable or letter (Ralolis, Finmimi)")
     p.add_argument("--echo-digits", type=_fraction, default=0.0,
                    help="fraction of fresh-world numbers with a repeated chunk of digits (588989, 747000)")
-    p.add_argument("--mixed-regions", type=_fraction, default=0.0,
-                   help="fraction of fresh-world cities in a region that pairs the six regions' words anew "
-                        "(west coast, high valley)")  # fmt: skip
     p.add_argument("--typos", type=_fraction, default=0.0,
                    help="fraction of episodes that search for a miscopied name first and recover (no loss on the "
                         "mistake)")  # fmt: skip

@@ -372,12 +372,12 @@ BALANCED_LENGTHS = 0.0
 def build_data(
     num_jobs: int, seed: int, corpus: str | Path | None = None, *, fresh_worlds: int = 0,
     work_dir: str | Path | None = None, tasks: tuple[str, ...] = TASKS, balanced_lengths: float = 0.0,
-    echo_names: float = 0.0, echo_digits: float = 0.0, mixed_regions: float = 0.0, typos: float = 0.0,
+    echo_names: float = 0.0, echo_digits: float = 0.0, typos: float = 0.0,
 ) -> list[list[tuple[str, bool]]]:  # fmt: skip
     """Gold episodes of `num_jobs` training jobs, tool results from the real tools; `tasks` and
     `balanced_lengths` set the job mix (`make_jobs`), `echo_names` and `echo_digits` the fresh worlds' share of
-    names with a repeated syllable or letter and of numbers with a repeated chunk of digits, `mixed_regions` of
-    cities in a region that pairs the six regions' words anew (`make_world`), `typos` the share of episodes that recover from a search for a miscopied name (`training_pieces`).
+    names with a repeated syllable or letter and of numbers with a repeated chunk of digits (`make_world`), `typos`
+    the share of episodes that recover from a search for a miscopied name (`training_pieces`).
 
     With `fresh_worlds` = 0, over the demo world's training entities. Otherwise (the committed recipe: 16)
     spread over that many fresh worlds, each with its own corpus under `work_dir`, whose names share no word with
@@ -388,8 +388,8 @@ def build_data(
     from k2batch.demo.tasks import make_jobs
     from k2batch.demo.world import make_world, name_words, write_corpus
 
-    if not fresh_worlds and (echo_names or echo_digits or mixed_regions):
-        raise ValueError("echo_names, echo_digits and mixed_regions need fresh_worlds: the demo world is fixed")
+    if not fresh_worlds and (echo_names or echo_digits):
+        raise ValueError("echo_names and echo_digits need fresh_worlds: the demo world is fixed")
     config = load_config()
     world = make_world()
     mix = {"tasks": tuple(tasks), "balanced_lengths": balanced_lengths}
@@ -407,7 +407,7 @@ def build_data(
     episodes: list[list[tuple[str, bool]]] = []
     for i in range(fresh_worlds):
         fresh = make_world(FRESH_WORLD_SEED + 1000 * seed + i, held_out_fraction=0.0, reserved=reserved,
-                           echo_names=echo_names, echo_digits=echo_digits, mixed_regions=mixed_regions)
+                           echo_names=echo_names, echo_digits=echo_digits)
         fresh_corpus = write_corpus(fresh, Path(work_dir) / f"fresh-{seed}-{i}.parquet")
         count = num_jobs // fresh_worlds + (i < num_jobs % fresh_worlds)
         jobs = make_jobs(fresh, count, seed + i, held_out=False, prefix=f"train{i}", **mix)
@@ -445,7 +445,6 @@ def train_demo(
     balanced_lengths: float = BALANCED_LENGTHS,
     echo_names: float = 0.0,
     echo_digits: float = 0.0,
-    mixed_regions: float = 0.0,
     typos: float = 0.0,
     init: str | Path | None = None,
     command: str | None = None,
@@ -473,7 +472,7 @@ def train_demo(
     data_dir = out.with_name(out.name + "-data")  # the fresh worlds' corpora, if any
     episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir, tasks=tasks,
                           balanced_lengths=balanced_lengths, echo_names=echo_names, echo_digits=echo_digits,
-                          mixed_regions=mixed_regions, typos=typos)  # fmt: skip
+                          typos=typos)  # fmt: skip
     if tokenizer is None:
         tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
     special = save_tokenizer(tokenizer, out)
@@ -489,8 +488,7 @@ def train_demo(
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             (bf16_out / name).write_bytes((out / name).read_bytes())
     summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, tasks=list(tasks), balanced_lengths=balanced_lengths,
-                   echo_names=echo_names, echo_digits=echo_digits, mixed_regions=mixed_regions, typos=typos,
-                   episodes=len(examples),
+                   echo_names=echo_names, echo_digits=echo_digits, typos=typos, episodes=len(examples),
                    wall_s=round(time.perf_counter() - started, 1), threads=torch.get_num_threads())  # fmt: skip
     if command is not None:
         summary["command"] = command

@@ -17,9 +17,6 @@ SYLLABLES = [
 COMPANY_SUFFIXES = ["Labs", "Group", "Works", "Systems", "Industries", "Holdings"]
 SECTORS = ["robotics", "textiles", "shipping", "software", "mining", "banking", "farming", "media"]
 REGIONS = ["north coast", "south coast", "east valley", "west hills", "central plain", "high plateau"]
-# The regions' two words, for fresh-world regions the six do not pair ("west coast", "high valley": `mixed_regions`).
-REGION_PLACES = sorted({r.split()[0] for r in REGIONS})
-REGION_LANDS = sorted({r.split()[1] for r in REGIONS})
 PROFESSIONS = ["engineer", "painter", "chemist", "architect", "pilot", "teacher", "composer", "surgeon"]
 
 
@@ -72,16 +69,13 @@ def _echo_digits(rng: random.Random, value: int, low: int, high: int) -> int:
 
 def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, num_people: int = 900,
                held_out_fraction: float = 0.15, reserved: frozenset[str] = frozenset(),
-               echo_names: float = 0.0, echo_digits: float = 0.0, mixed_regions: float = 0.0) -> World:  # fmt: skip
+               echo_names: float = 0.0, echo_digits: float = 0.0) -> World:  # fmt: skip
     """Invented entities with unique names; every fact is drawn from `seed` alone. No name uses a word of
     `reserved` (the demo world's name words, for a training world that must not meet its held-out entities).
     An `echo_names` fraction of name words repeats a syllable or a letter at a syllable boundary (`_word`), the
     names a small model miscopies, and an `echo_digits` fraction of numbers repeats a chunk of digits
-    (`_echo_digits`: 588989). A `mixed_regions` fraction of cities lies in a region that pairs the usual regions'
-    words anew ("west coast", "high valley"), so a region is copied word by word from its document, not recalled
-    as one of six. At 0 (the defaults, and the demo world) it draws exactly the world it always has."""
-    options = (("echo_names", echo_names), ("echo_digits", echo_digits), ("mixed_regions", mixed_regions))
-    for option, fraction in options:
+    (`_echo_digits`: 588989); at 0 (the defaults, and the demo world) it draws exactly the world it always has."""
+    for option, fraction in (("echo_names", echo_names), ("echo_digits", echo_digits)):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{option} must be in [0, 1], got {fraction}")
     rng = random.Random(seed)
@@ -111,15 +105,8 @@ def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, n
     def add(kind: str, name: str, facts: dict[str, object]) -> None:
         entities.append(Entity(f"doc-{len(entities):04d}", kind, name, {k: str(v) for k, v in facts.items()}))
 
-    def region() -> str:
-        if mixed_regions and rng.random() < mixed_regions:  # no draw at all when 0
-            while (mixed := f"{rng.choice(REGION_PLACES)} {rng.choice(REGION_LANDS)}") in REGIONS:
-                pass
-            return mixed
-        return rng.choice(REGIONS)
-
     for name in cities:
-        add("city", name, {"region": region(), "population": number(2_000, 900_000),
+        add("city", name, {"region": rng.choice(REGIONS), "population": number(2_000, 900_000),
                            "founded": number(1100, 1900), "elevation": number(5, 2500)})  # fmt: skip
     for _ in range(num_companies):
         name = unique(lambda: f"{word()} {rng.choice(COMPANY_SUFFIXES)}")

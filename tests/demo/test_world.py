@@ -184,7 +184,7 @@ def test_build_data_gives_echo_names_and_digits_to_the_fresh_worlds_only(tmp_pat
     from k2batch.demo.world import COMPANY_SUFFIXES
 
     for option in ("echo_names", "echo_digits"):
-        with pytest.raises(ValueError, match="echo_names, echo_digits and mixed_regions need fresh_worlds"):
+        with pytest.raises(ValueError, match="echo_names and echo_digits need fresh_worlds"):
             build_data(3, seed=0, fresh_worlds=0, **{option: 0.5})
     episodes = build_data(3, seed=0, fresh_worlds=1, work_dir=tmp_path, echo_names=1.0, echo_digits=1.0)
     assert episodes
