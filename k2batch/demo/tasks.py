@@ -285,8 +285,10 @@ def grade(task: str, expected: dict[str, Any], answer: str | None) -> bool:
 
 
 # The facts an answer states: document ids, numbers, categories (longest first: "south coast" before a shorter
-# one), and names (every capitalized word: the answer templates capitalize nothing else).
-_CATEGORIES = sorted({*REGIONS, *SECTORS, *PROFESSIONS}, key=len, reverse=True)
+# one), and names (every capitalized word: the answer templates capitalize nothing else). A region is any pairing
+# of the regions' words: a model can write "west plateau", which no document holds.
+_REGION_PAIRS = {f"{a} {b}" for a in {r.split()[0] for r in REGIONS} for b in {r.split()[1] for r in REGIONS}}
+_CATEGORIES = sorted({*_REGION_PAIRS, *SECTORS, *PROFESSIONS}, key=len, reverse=True)
 FACT = re.compile(r"doc-\d{4}|\d+|" + "".join(rf"\b{re.escape(c)}\b|" for c in _CATEGORIES) + r"\b[A-Z][a-z]+\b")
 
 

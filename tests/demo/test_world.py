@@ -200,7 +200,8 @@ def test_traceable_needs_every_number_doc_id_category_and_name_in_a_tool_result(
     good = "Juntur is a city in the north coast region, founded in 1805, with 281633 people at 695 m [doc-0171]."
     assert traceable(good, results)
     assert traceable("Juntur has 36 more", results)  # the calculator's -36 is the answer's 36
-    for wrong in (good.replace("north coast", "south coast"), good.replace("Juntur", "Junturtur", 1),
+    for wrong in (good.replace("north coast", "south coast"), good.replace("north coast", "west coast"),
+                  good.replace("north coast", "high valley"), good.replace("Juntur", "Junturtur", 1),
                   good.replace("1805", "1850"), good.replace("doc-0171", "doc-0117")):  # fmt: skip
         assert not traceable(wrong, results), wrong
     assert not traceable(None, results) and not traceable("", results)
