@@ -6,10 +6,14 @@ their ratio.
 prompt (`k2batch train-demo --no-share-prefix`); also prints the tokens each forward runs.
 --compare attention: the fused attention kernel the trainer uses, against the attention it replaced (logits
 materialized, masked and softmaxed, their max per head taken from them), both with the shared prefix.
+--compare threads: one thread, against `--threads` threads with one thread's arithmetic (`train-demo
+--one-thread-arithmetic`, OneThreadArithmetic), and plain `--threads` threads for reference; checks that the first
+two end with the same parameters, bit for bit, and says whether the third does.
 
     python benchmarks/bench_train_step.py                       # 40 steps a side on 600 episodes
     python benchmarks/bench_train_step.py --steps 10            # a quick look
     python benchmarks/bench_train_step.py --compare attention --steps 20
+    python benchmarks/bench_train_step.py --compare threads --steps 20
 """
 
 from __future__ import annotations
@@ -64,15 +68,19 @@ class MaterializedPrefixAttention(train.SharedPrefixAttention):
         return torch.cat((out_p, out_s))
 
 
-def step(side: str, *args, **kwargs) -> dict:
-    """train_step with side "materialized" run through MaterializedPrefixAttention."""
+def step(side: str, threads: int, *args, **kwargs) -> dict:
+    """train_step with side "materialized" run through MaterializedPrefixAttention, "one thread" on one thread and
+    "one-thread arithmetic" under OneThreadArithmetic."""
     fused = train.SharedPrefixAttention
     if side == "materialized":
         train.SharedPrefixAttention = MaterializedPrefixAttention
+    torch.set_num_threads(1 if side == "one thread" else threads)
+    arithmetic = train.OneThreadArithmetic(threads) if side == "one-thread arithmetic" else None
     try:
-        return train_step(*args, share_prefix=side != "whole prompts", **kwargs)
+        return train_step(*args, share_prefix=side != "whole prompts", arithmetic=arithmetic, **kwargs)
     finally:
         train.SharedPrefixAttention = fused
+        torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -80,7 +88,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=600, help="training jobs (episodes) to draw batches from")
     parser.add_argument("--steps", type=int, default=40, help="timed steps a side")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compare", choices=("prefix", "attention"), default="prefix")
+    parser.add_argument("--compare", choices=("prefix", "attention", "threads"), default="prefix")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -92,7 +100,11 @@ def main() -> None:
 
     config = demo_model_config(VOCAB_SIZE, special["<|im_end|>"], special["[BOS]"])
     base = trainable_model(config, seed=0)
-    names = ("whole prompts", "shared prefix") if args.compare == "prefix" else ("materialized", "fused")
+    names = {
+        "prefix": ("whole prompts", "shared prefix"),
+        "attention": ("materialized", "fused"),
+        "threads": ("one thread", "one-thread arithmetic", f"{args.threads} threads"),
+    }[args.compare]
     sides = {}
     for name in names:
         model = copy.deepcopy(base)
@@ -101,12 +113,12 @@ def main() -> None:
     for i, group in enumerate(groups):
         for name, (model, opts, load, seconds, losses) in sides.items():
             started = time.perf_counter()
-            record = step(name, model, opts, load, examples, group)
+            record = step(name, args.threads, model, opts, load, examples, group)
             if i:
                 seconds.append(time.perf_counter() - started)
             losses.append(record["loss"])
 
-    (before, (_, _, _, seconds_0, losses_0)), (after, (_, _, _, seconds_1, losses_1)) = sides.items()
+    (before, (model_0, _, _, seconds_0, losses_0)), (after, (model_1, _, _, seconds_1, losses_1)) = list(sides.items())[:2]
     first_loss = (losses_0[0], losses_1[0])
     assert abs(first_loss[0] - first_loss[1]) <= 1e-4 * abs(first_loss[0]), first_loss
     # (episodes, padded length, shared prefix) of each batch: the tokens each side's forward runs.
@@ -122,6 +134,14 @@ def main() -> None:
         print(f"tokens a forward: whole prompts {tokens_full:.0f}, shared prefix {tokens_shared:.0f}")
     t0, t1 = statistics.median(seconds_0), statistics.median(seconds_1)
     print(f"seconds a step (median): {before} {t0:.3f}, {after} {t1:.3f}; speedup {t0 / t1:.2f}x")
+    if args.compare == "threads":
+        same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        assert same(model_0, model_1), f"{after} did not give one thread's parameters"
+        model_2, _, _, seconds_2, _ = sides[names[2]]
+        t2 = statistics.median(seconds_2)
+        print(f"after {args.steps + 1} steps the parameters of {before} and {after} are the same, bit for bit; "
+              f"{names[2]} ({t2:.3f} s a step, {t0 / t2:.2f}x one thread's speed) "
+              f"{'gives them too' if same(model_0, model_2) else 'does not'}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def train_demo(args: argparse.Namespace) -> None:
         qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
         share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
         echo_names=args.echo_names, echo_digits=args.echo_digits, typos=args.typos, lr=args.lr, init=args.init,
-        command=shlex.join(["k2batch", *args.argv]),
+        one_thread_arithmetic=args.one_thread_arithmetic, command=shlex.join(["k2batch", *args.argv]),
     )  # fmt: skip
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
 
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Muon and AdamW)")
     p.add_argument("--init", help="go on training from this demo checkpoint (its weights and tokenizer)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--one-thread-arithmetic", action="store_true",
+                   help="give the bits of a --threads 1 run, using the threads where that changes none (faster)")
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")
     p.add_argument("--snapshot-every", type=int, default=0, help="also export OUT-snapshot every N steps")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",

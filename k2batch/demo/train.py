@@ -4,6 +4,7 @@ training of the routed experts, exported in the K2 Thinking checkpoint format.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from k2batch.demo.tasks import TASKS
 from k2batch.demo.tokenizer import save_tokenizer, train_tokenizer
@@ -144,6 +146,58 @@ class SharedPrefixAttention:
         out_p = fused_attention(qp, kp, vp, None, mla.scale).transpose(1, 2).reshape(p, h, -1)
         out_s = fused_attention(qs, keys, values, self.masks[1], mla.scale).transpose(1, 2).reshape(b * s, h, -1)
         return torch.cat((out_p, out_s))
+
+
+# Ops whose every output element is computed the same way however many threads share the work: matrix products and
+# the fused attention (split over rows, columns and heads, never along a sum), products (rounded once whichever code
+# computes them) and data movement. Not in it: sums with a factor (`add(alpha=)`, which vectorized code may fuse),
+# reductions over a whole tensor, accumulating scatters, and transcendental functions, whose vectorized and scalar
+# code round differently, so a split that moves where a thread's vectorized loop ends changes bits (sigmoid on
+# 4130 x 8 router scores does).
+_aten = torch.ops.aten
+THREAD_INVARIANT_OPS = frozenset(
+    (
+        _aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+        _aten.mul.Tensor, _aten.mul_.Tensor, _aten.mul.Scalar, _aten.div.Tensor, _aten.div.Scalar, _aten.amax.default,
+        _aten.copy_.default, _aten.slice_backward.default, _aten.select_backward.default, _aten.new_zeros.default, _aten.clone.default, _aten.cat.default,
+        _aten.stack.default, _aten.fill_.Scalar, _aten.zero_.default, _aten.masked_fill_.Scalar, _aten.index.Tensor,
+        _aten.index_select.default, _aten.gather.default, _aten.where.self, _aten.constant_pad_nd.default,
+        _aten.embedding.default, _aten.empty.memory_format, _aten.empty_strided.default, _aten.zeros.default,
+        _aten.view.default, _aten._unsafe_view.default, _aten.t.default, _aten.transpose.int, _aten.permute.default,
+        _aten.slice.Tensor, _aten.select.int, _aten.expand.default, _aten.unsqueeze.default, _aten.squeeze.dim,
+        _aten.detach.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
+        _aten.unbind.int, _aten.as_strided.default,
+    )
+)  # fmt: skip
+# a + b and a - b round once however computed; a + alpha * b may be fused in vectorized code and not in scalar code.
+_ADD_OPS = frozenset((_aten.add.Tensor, _aten.add_.Tensor, _aten.sub.Tensor))
+_POW = _aten.pow.Tensor_Scalar  # x ** 2 is x * x in both codes; other powers are transcendental
+
+
+class OneThreadArithmetic(TorchDispatchMode):
+    """The bits of a one-thread run, computed with `threads`: the ops of THREAD_INVARIANT_OPS (most of a training
+    step's time) run on all of them, every other op on one. A run under it gives the same checkpoint as the same run
+    under `torch.set_num_threads(1)` (tested), in less time."""
+
+    def __init__(self, threads: int):
+        super().__init__()
+        self.threads = threads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (
+            func in THREAD_INVARIANT_OPS
+            or (func in _ADD_OPS and kwargs.get("alpha", 1) == 1)
+            or (func is _POW and args[1] == 2)
+        ):
+            return func(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch.set_num_threads(self.threads)
 
 
 def shared_prefix(examples, group: list[int]) -> int:
@@ -512,6 +566,7 @@ def train_step(
     share_prefix: bool = True,
     qk_clip_threshold: float = 50.0,
     bias_update_speed: float = 1e-3,
+    arithmetic: OneThreadArithmetic | None = None,
 ) -> dict:
     """One optimizer step on the episodes `group`: loss, backward, clipped gradients, Muon + AdamW, QK-clip, and
     the expert-bias update. Returns the step's loss, token accuracy, largest logit, heads clipped and load."""
@@ -519,10 +574,11 @@ def train_step(
     # The tool schemas (and system prompt) the episodes start with run once per batch, not once per episode.
     prefix = shared_prefix(examples, group) if share_prefix else 0
     load.multiplicity = token_multiplicity(prefix, *ids.shape).to(device) if prefix else None
-    loss, attention, accuracy = loss_on_generated(model, ids, target, prefix)
     for opt in opts:
         opt.zero_grad(set_to_none=True)
-    loss.backward()
+    with arithmetic or contextlib.nullcontext():
+        loss, attention, accuracy = loss_on_generated(model, ids, target, prefix)
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     for opt in opts:
         opt.step()
@@ -549,10 +605,18 @@ def train_model(
     device: str = "cpu",
     share_prefix: bool = True,
     init: str | Path | None = None,
+    one_thread_arithmetic: bool = False,
 ) -> dict:
     """The training loop: Muon + AdamW, QK-clip after every step, expert-bias balancing, then INT4 QAT of the
     routed experts for the last `qat_steps`; exports the INT4 checkpoint (model files) into `out`. With `init`,
-    training goes on from that checkpoint's weights (fresh optimizer state, the same schedule shape)."""
+    training goes on from that checkpoint's weights (fresh optimizer state, the same schedule shape). With
+    `one_thread_arithmetic` (CPU), the run gives the bits it would on one thread, using torch's threads where
+    that changes none (OneThreadArithmetic)."""
+    if one_thread_arithmetic and device != "cpu":
+        raise ValueError("one_thread_arithmetic is a CPU setting")
+    # The forward and backward, whose shapes change with every batch, run under OneThreadArithmetic; the optimizer
+    # steps run on the parameters' fixed shapes, which give the same bits on one thread and on more (tested).
+    arithmetic = OneThreadArithmetic(torch.get_num_threads()) if one_thread_arithmetic else None
     started = time.perf_counter()
     config = demo_model_config(VOCAB_SIZE, special["<|im_end|>"], special["[BOS]"])
     model = trainable_model(config, seed, init).to(device)
@@ -578,7 +642,8 @@ def train_model(
             for group in opt.param_groups:
                 group["lr"] = lr * scale
         record = train_step(model, opts, load, examples, next(stream), device=device, share_prefix=share_prefix,
-                            qk_clip_threshold=qk_clip_threshold, bias_update_speed=bias_update_speed)  # fmt: skip
+                            qk_clip_threshold=qk_clip_threshold, bias_update_speed=bias_update_speed,
+                            arithmetic=arithmetic)  # fmt: skip
         clipped_total += record["clipped_heads"]
         history.append({"step": step, **record})
         if snapshot_every and step and step % snapshot_every == 0:
@@ -594,7 +659,8 @@ def train_model(
                      record["max_load_over_mean"],
                      " QAT" if step >= steps else "", time.perf_counter() - started)  # fmt: skip
     model = model.cpu().eval()
-    export(model, config, out, int4_experts=True)
+    with arithmetic or contextlib.nullcontext():
+        export(model, config, out, int4_experts=True)
     write_generation_config(out, special)
     last = history[-20:]
     return {
@@ -604,5 +670,6 @@ def train_model(
         "losses": [h["loss"] for h in history], "final_loss": sum(h["loss"] for h in last) / len(last),
         "final_token_accuracy": sum(h["accuracy"] for h in last) / len(last),
         "final_max_load_over_mean": last[-1]["max_load_over_mean"], "train_s": round(time.perf_counter() - started, 1),
-        "device": device, "init": None if init is None else str(init), "model": model, "config": config,
+        "device": device, "init": None if init is None else str(init), "one_thread_arithmetic": one_thread_arithmetic,
+        "model": model, "config": config,
     }  # fmt: skip

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import os
 import random
 import shlex
 import subprocess
@@ -14,6 +17,7 @@ import torch
 from k2batch import cli
 from k2batch.demo.train import (
     ExpertLoad,
+    OneThreadArithmetic,
     TrainableExperts,
     TrainingAttention,
     batches,
@@ -27,6 +31,7 @@ from k2batch.demo.train import (
     shared_prefix,
     token_multiplicity,
     train_model,
+    train_step,
     trainable_model,
 )
 from k2batch.model import load_model
@@ -346,3 +351,68 @@ def test_fused_training_attention_equals_the_materialized_softmax(prefix):
     torch.testing.assert_close(attention.max_logits[0], ref_max, rtol=1e-5, atol=1e-5)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def demo_size_examples(seed: int, rows: int = 5, length: int = 835) -> list[tuple[list[int], list[bool]]]:
+    """Random episodes at the demo model's real sizes: 5 x 835 tokens put 4175 x 8 router scores through the
+    sigmoid, whose two-thread split ends a thread's vectorized loop mid-row (one thread's bits differ there)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1024, (rows, length), generator=g).tolist()
+    return [(row, [i >= length // 3 for i in range(length)]) for row in ids]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_one_thread_arithmetic_on_two_threads_trains_to_one_threads_bits(tmp_path):
+    """`train-demo --one-thread-arithmetic`: training steps on two threads (the last in INT4 QAT) end at the
+    parameters one thread gives, bit for bit, and export the same INT4 checkpoint."""
+    config = demo_model_config(1024, eos_token_id=1, bos_token_id=0)
+    runs = []
+    for threads, arithmetic in ((1, None), (2, OneThreadArithmetic(2))):
+        torch.set_num_threads(threads)
+        model = trainable_model(config, seed=0)
+        opts, load = optimizers(model, 3e-3, weight_decay=0.01), ExpertLoad(model)
+        for seed in range(3):
+            if seed == 2:
+                for m in experts(model):
+                    m.fake_quant = True
+            examples = demo_size_examples(seed)
+            train_step(model, opts, load, examples, list(range(len(examples))), arithmetic=arithmetic)
+        with arithmetic or contextlib.nullcontext():
+            export(model.eval(), config, tmp_path / str(threads), int4_experts=True)
+        runs.append(model.state_dict())
+    one, two = runs
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    for file in sorted((tmp_path / "1").glob("*.safetensors")):
+        assert file.read_bytes() == (tmp_path / "2" / file.name).read_bytes(), file.name
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_the_ops_outside_one_thread_arithmetic_give_the_same_bits_on_one_and_two_threads():
+    """OneThreadArithmetic covers the forward and backward; the gradient clipping, Muon and AdamW steps, QK-clip and
+    the expert-bias update run on the parameters' fixed shapes on all threads, which must not change their bits."""
+    config = demo_model_config(1024, eos_token_id=1, bos_token_id=0)
+    examples = demo_size_examples(0)
+    torch.set_num_threads(1)
+    model = trainable_model(config, seed=0)
+    opts, load = optimizers(model, 3e-3, weight_decay=0.01), ExpertLoad(model)
+    train_step(model, opts, load, examples, list(range(len(examples))))  # optimizer state that is not zero
+    ids, target = collate(examples, list(range(len(examples))))
+    loss, attention, _ = loss_on_generated(model, ids, target)
+    loss.backward()
+    for counts in load.counts:  # an uneven load, so that the bias update moves
+        counts.copy_(torch.arange(config.n_routed_experts, dtype=counts.dtype))
+    after = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        m, o, l = copy.deepcopy((model, opts, load))
+        for p, q in zip(model.parameters(), m.parameters(), strict=True):
+            q.grad = None if p.grad is None else p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        for opt in o:
+            opt.step()
+        qk_clip(m, {layer: x * 20 for layer, x in attention.max_logits.items()}, 50.0)  # some heads over 50
+        l.update_bias(1e-3)
+        after.append(m.state_dict())
+    assert all(torch.equal(after[0][name], after[1][name]) for name in after[0])
