@@ -315,15 +315,16 @@ def optimizers(model: nn.Module, lr: float, weight_decay: float) -> list[torch.o
 
 
 def tokenize_episodes(tokenizer, episodes: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[bool]]]:
-    """Token ids of each episode and which of them the model generated (the loss targets)."""
+    """Token ids of each episode and which of them the model generated (the loss targets). Each piece is encoded
+    alone, as the episode loop encodes it (all of them in one batch call, which runs on all cores)."""
+    encoded = iter(tokenizer.encode_batch([text for pieces in episodes for text, _ in pieces], add_special_tokens=False))
     out = []
     for pieces in episodes:
         ids: list[int] = []
         generated: list[bool] = []
-        for text, is_generated in pieces:
-            piece = tokenizer.encode(text, add_special_tokens=False).ids
-            ids += piece
-            generated += [is_generated] * len(piece)
+        for (_, is_generated), encoding in zip(pieces, encoded):
+            ids += encoding.ids
+            generated += [is_generated] * len(encoding.ids)
         out.append((ids, generated))
     return out
 
