@@ -118,7 +118,9 @@ def main() -> None:
                 seconds.append(time.perf_counter() - started)
             losses.append(record["loss"])
 
-    (before, (model_0, _, _, seconds_0, losses_0)), (after, (model_1, _, _, seconds_1, losses_1)) = list(sides.items())[:2]
+    (before, (model_0, _, _, seconds_0, losses_0)), (after, (model_1, _, _, seconds_1, losses_1)) = list(
+        sides.items()
+    )[:2]
     first_loss = (losses_0[0], losses_1[0])
     assert abs(first_loss[0] - first_loss[1]) <= 1e-4 * abs(first_loss[0]), first_loss
     # (episodes, padded length, shared prefix) of each batch: the tokens each side's forward runs.
