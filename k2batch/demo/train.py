@@ -518,6 +518,8 @@ def train_demo(
         torch.set_num_threads(threads)
     out = Path(out)
     tokenizer, init_record = None, None
+    if train_options.get("one_thread_arithmetic") and train_options.get("device", "cpu") != "cpu":
+        raise ValueError("one_thread_arithmetic is a CPU setting")  # train_model's check, before the data is built
     if init is not None:
         # Checked before the data is built (minutes), not after.
         init_dir = Path(init)

@@ -416,3 +416,11 @@ def test_the_ops_outside_one_thread_arithmetic_give_the_same_bits_on_one_and_two
         l.update_bias(1e-3)
         after.append(m.state_dict())
     assert all(torch.equal(after[0][name], after[1][name]) for name in after[0])
+
+
+def test_one_thread_arithmetic_is_refused_off_the_cpu_before_any_data_is_built(tmp_path):
+    from k2batch.demo.train import train_demo
+
+    with pytest.raises(ValueError, match="one_thread_arithmetic is a CPU setting"):
+        train_demo(tmp_path / "out", num_jobs=10, device="cuda", one_thread_arithmetic=True)
+    assert not (tmp_path / "out-data").exists() and not (tmp_path / "out").exists()
