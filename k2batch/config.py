@@ -14,10 +14,15 @@ import msgspec
 from k2batch.engine.config import EngineConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
-# Credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), where s3fs and polars both find them.
+# Credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), where s3fs and polars both find them. Option
+# names are compared in lower case with "-" as "_", at every nesting level (client_kwargs, per-protocol tables).
 SECRET_OPTIONS = frozenset(
-    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-)
+    {
+        "key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+        "session_token", "access_key", "secret_key", "account_key", "sas_token", "client_secret",
+        "connection_string", "credentials",
+    }
+)  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -136,18 +141,26 @@ def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def secret_paths(options: Any, prefix: str = "storage.options") -> list[str]:
+    """Key paths of the credentials anywhere in `options` (nested tables and lists included), sorted."""
+    found: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            path = f"{prefix}.{key}"
+            if isinstance(key, str) and key.lower().replace("-", "_") in SECRET_OPTIONS and value is not None:
+                found.append(path)
+            found += secret_paths(value, path)
+    elif isinstance(options, list | tuple):
+        for index, value in enumerate(options):
+            found += secret_paths(value, f"{prefix}[{index}]")
+    return sorted(found)
+
+
 def _secret_key(data: dict[str, Any]) -> str | None:
     """The key path of a credential in the storage options of a config file, if any."""
     storage = data.get("storage")
-    options = storage.get("options") if isinstance(storage, dict) else None
-    if not isinstance(options, dict):
-        return None
-    client_kwargs = options.get("client_kwargs")
-    for prefix, table in (("storage.options", options), ("storage.options.client_kwargs", client_kwargs)):
-        found = sorted(SECRET_OPTIONS & set(table)) if isinstance(table, dict) else []
-        if found:
-            return f"{prefix}.{found[0]}"
-    return None
+    found = secret_paths(storage.get("options")) if isinstance(storage, dict) else []
+    return found[0] if found else None
 
 
 def _struct_at(path: list[str]) -> type[msgspec.Struct] | None:

@@ -10,7 +10,7 @@ import dagster as dg
 import msgspec
 from pydantic import Field, PrivateAttr
 
-from k2batch.config import SECRET_OPTIONS
+from k2batch.config import secret_paths
 from k2batch.engine import Engine, EngineConfig
 from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
 
@@ -64,11 +64,10 @@ class StorageResource(dg.ConfigurableResource):
 
     def model_post_init(self, context: Any) -> None:
         super().model_post_init(context)
-        nested = self.options.get("client_kwargs") or {}
-        leaked = sorted(SECRET_OPTIONS & (set(self.options) | set(nested)))
+        leaked = secret_paths(self.options, "options")
         if leaked:
             raise ValueError(
-                f"storage options hold {', '.join(leaked)}: pass credentials as key/secret/token with "
+                f"storage {', '.join(leaked)}: credentials; pass them as key/secret/token with "
                 "dg.EnvVar (or leave them to the AWS_* environment), never in options"
             )
 

@@ -92,6 +92,18 @@ triage = "Sort the ticket."
             "[storage.options.client_kwargs]\naws_secret_access_key = 'x'",
             "batch.toml: storage.options.client_kwargs.aws_secret_access_key: secrets come from the environment",
         ),
+        (
+            "[storage]\noptions = {s3 = {key = 'AKIA', secret = 'SK'}}",
+            "batch.toml: storage.options.s3.key: secrets come from the environment",
+        ),
+        (
+            "[storage.options.config_kwargs.s3]\nAWS-Session-Token = 'x'",
+            "batch.toml: storage.options.config_kwargs.s3.AWS-Session-Token: secrets come from the environment",
+        ),
+        (
+            "[storage.options]\nprofiles = [{name = 'a'}, {name = 'b', password = 'x'}]",
+            "batch.toml: storage.options.profiles[1].password: secrets come from the environment",
+        ),
         ("[engine\n", "batch.toml: not valid TOML"),
     ],
 )

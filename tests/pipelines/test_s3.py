@@ -89,9 +89,20 @@ def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
     assert pq.ParquetFile(fs.open(f"{output}/results/shard=00000/part-0.parquet")).metadata.num_rows == 3
 
 
-def test_literal_secrets_in_storage_options_are_refused():
-    with pytest.raises(ValueError, match="EnvVar"):
-        StorageResource(root="s3://bucket", options={"endpoint_url": "http://x", "secret": "hunter2"})
+@pytest.mark.parametrize(
+    "options, where",
+    [
+        ({"endpoint_url": "http://x", "secret": "hunter2"}, "options.secret"),
+        ({"client_kwargs": {"aws_secret_access_key": "hunter2"}}, "options.client_kwargs.aws_secret_access_key"),
+        # A protocol table, as fsspec takes per-protocol options: nested as deep as it likes.
+        ({"s3": {"key": "AKIA", "secret": "hunter2"}}, "options.s3.key, options.s3.secret"),
+        ({"config_kwargs": {"s3": {"Session-Token": "x"}}}, "options.config_kwargs.s3.Session-Token"),
+    ],
+)
+def test_literal_secrets_in_storage_options_are_refused(options, where):
+    with pytest.raises(ValueError, match="EnvVar") as error:
+        StorageResource(root="s3://bucket", options=options)
+    assert f"storage {where}: credentials" in str(error.value)
 
 
 @dg.asset
