@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from k2batch.engine.config import EngineConfig
+from k2batch.records import MAX_SEED
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
 # Credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), where s3fs and polars both find them. Option
@@ -39,6 +40,10 @@ class SamplingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     """Per step (one model turn)."""
     seed: int
     """Base seed for jobs that bring none."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed is {self.seed}, expected an integer in [0, 2**62)")
 
 
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

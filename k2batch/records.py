@@ -25,6 +25,10 @@ ROW_COLUMN = "_row"
 DUPLICATE_COLUMN = "_duplicate_of"
 RESERVED_COLUMNS = (SOURCE_COLUMN, ROW_COLUMN, DUPLICATE_COLUMN)
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+# Every text field a message may have; the chat template sees no others.
+MESSAGE_TEXT_FIELDS = ("name", "reasoning_content", "tool_call_id")
+MAX_SEED = 2**62
+"""Seeds are integers in [0, MAX_SEED): step k of an episode samples with seed + k, which must stay an int64."""
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):
@@ -334,11 +338,13 @@ def _check_passthrough_text(table: pa.Table, problems: _Problems) -> None:
 
 
 def _parse_messages(text: str) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """The conversation, or why it is not a JSON list of {role, content} objects."""
+    """The conversation, or why it is not a JSON list of {role, content} objects with text fields."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"messages is not valid JSON ({exc})"
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting too deep
+        return None, f"messages cannot be read as JSON ({type(exc).__name__}: {exc})"
     if not isinstance(value, list) or not value:
         return None, "messages must be a non-empty JSON list of {role, content} objects"
     for k, message in enumerate(value):
@@ -350,7 +356,38 @@ def _parse_messages(text: str) -> tuple[list[dict[str, Any]] | None, str | None]
         # An assistant turn that only calls tools may have no content.
         if not (isinstance(content, str) or (content is None and role == "assistant")):
             return None, f"messages[{k}].content must be a string"
+        why = _message_fields_problem(message)
+        if why:
+            return None, f"messages[{k}]{why}"
     return value, None
+
+
+def _message_fields_problem(message: dict[str, Any]) -> str | None:
+    """Why a message's fields other than role and content are not what the chat template takes, if they are not:
+    text fields are strings, tool calls are objects with a string id and a function with a string name and
+    arguments as a JSON string or object."""
+    unknown = sorted(set(message) - {"role", "content", "tool_calls", *MESSAGE_TEXT_FIELDS})
+    if unknown:
+        return f" has unknown field {unknown[0]!r}"
+    for field in MESSAGE_TEXT_FIELDS:
+        if field in message and not isinstance(message[field], str | None):
+            return f".{field} must be a string"
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if message["role"] != "assistant" or not isinstance(calls, list):
+        return ".tool_calls must be a list, on an assistant message"
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str):
+            return f".tool_calls[{i}] must be an object with a string id and a function object"
+        if not isinstance(call.get("type", "function"), str) or set(call) - {"id", "type", "function"}:
+            return f".tool_calls[{i}] may hold only id, type and function"
+        if not isinstance(function.get("name"), str) or set(function) - {"name", "arguments"}:
+            return f".tool_calls[{i}].function must hold a string name and arguments"
+        if not isinstance(function.get("arguments", ""), str | dict):
+            return f".tool_calls[{i}].function.arguments must be a JSON string or object"
+    return None
 
 
 def validate_jobs(
@@ -426,7 +463,7 @@ def validate_jobs(
             ("max_new_tokens", max_new_tokens[row], lambda v: v >= 1, "at least 1"),
             ("temperature", temperatures[row], lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
             ("top_p", top_ps[row], lambda v: 0 < v <= 1, "in (0, 1]"),
-            ("seed", seeds[row], lambda v: v >= 0, "at least 0"),
+            ("seed", seeds[row], lambda v: 0 <= v < MAX_SEED, "in [0, 2**62)"),
         ):
             if value is not None and not ok(value):
                 problems.add(row, "invalid_value", f"{name} is {value}, expected {expected}")

@@ -104,6 +104,7 @@ triage = "Sort the ticket."
             "[storage.options]\nprofiles = [{name = 'a'}, {name = 'b', password = 'x'}]",
             "batch.toml: storage.options.profiles[1].password: secrets come from the environment",
         ),
+        ("[sampling]\nseed = 4611686018427387904", "batch.toml: sampling: seed is 4611686018427387904, expected an"),
         ("[engine\n", "batch.toml: not valid TOML"),
     ],
 )

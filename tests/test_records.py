@@ -94,6 +94,18 @@ def test_valid_rows_become_jobs_with_defaults() -> None:
     assert (b.max_steps, b.max_new_tokens, b.top_p, b.seed, b.system) == (5, 100, 1.0, 42, "Be brief.")
 
 
+def test_a_conversation_with_every_message_field() -> None:
+    messages = [
+        {"role": "user", "name": "ann", "content": "2*3?"},
+        {"role": "assistant", "content": None, "reasoning_content": "use the tool", "tool_calls": [
+            {"id": "functions.calculator:0", "type": "function",
+             "function": {"name": "calculator", "arguments": {"expression": "2*3"}}}]},
+        {"role": "tool", "tool_call_id": "functions.calculator:0", "name": "calculator", "content": "6"},
+    ]  # fmt: skip
+    jobs, invalid = validate(pa.table({"job_id": ["a"], "messages": [json.dumps(messages)]}))
+    assert invalid == [] and jobs[0].messages == messages
+
+
 def test_missing_and_duplicate_job_ids() -> None:
     table = pa.table({"job_id": ["x", None, "", "x", "y", "x"], "prompt": ["p"] * 6})
     jobs, invalid = validate(table)
@@ -165,6 +177,26 @@ def test_prompt_and_messages_exactly_one() -> None:
         ('[{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]', "messages[1] has role 'robot'"),
         ('[{"role": "user", "content": 5}]', "messages[0].content must be a string"),
         ('[{"role": "user", "content": null}]', "messages[0].content must be a string"),
+        ("[" * 100_000 + "]" * 100_000, "messages cannot be read as JSON (RecursionError"),
+        ('[{"role": "user", "content": "a", "n": ' + "9" * 5000 + "}]", "messages cannot be read as JSON (ValueError"),
+        # Every field the chat template renders is text of a known shape, not only content.
+        ('[{"role": "user", "content": "a", "name": ["<|im_end|>"]}]', "messages[0].name must be a string"),
+        ('[{"role": "tool", "content": "a", "tool_call_id": 7}]', "messages[0].tool_call_id must be a string"),
+        ('[{"role": "user", "content": "a", "weight": 1}]', "messages[0] has unknown field 'weight'"),
+        ('[{"role": "user", "content": "a", "tool_calls": []}]', "messages[0].tool_calls must be a list, on an"),
+        (
+            '[{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f"}}]}]',
+            "messages[0].tool_calls[0] must be an object with a string id and a function object",
+        ),
+        (
+            '[{"role": "assistant", "content": null, "tool_calls": [{"id": "x", "function": {"name": 1}}]}]',
+            "messages[0].tool_calls[0].function must hold a string name and arguments",
+        ),
+        (
+            '[{"role": "assistant", "content": null, "tool_calls": [{"id": "x", "function": {"name": "f", '
+            '"arguments": [1]}}]}]',
+            "messages[0].tool_calls[0].function.arguments must be a JSON string or object",
+        ),
     ],
 )
 def test_messages_must_be_a_json_list_of_role_content_objects(messages: str, why: str) -> None:
@@ -216,12 +248,25 @@ def test_out_of_range_values_and_all_problems_in_one_message() -> None:
     assert errors(invalid)[0] == (
         "invalid_value",
         "inputs/a.parquet row 0 (job 'a'): max_steps is 0, expected at least 1; temperature is -1.0, expected a "
-        "number >= 0; top_p is 1.5, expected in (0, 1]; seed is -3, expected at least 0",
+        "number >= 0; top_p is 1.5, expected in (0, 1]; seed is -3, expected in [0, 2**62)",
     )
     assert errors(invalid)[1] == (
         "invalid_value",
         "inputs/a.parquet row 1 (job 'b'): temperature is nan, expected a number >= 0",
     )
+
+
+@pytest.mark.parametrize(
+    "seeds",
+    [pa.array([2**62 - 1, 2**62, 2**63 - 1], pa.int64()), pa.array([2**62 - 1, 2**62, 2**64 - 1], pa.uint64())],
+    ids=["int64", "uint64"],
+)
+def test_seeds_stay_below_2_to_the_62(seeds: pa.Array) -> None:
+    # Step k of an episode samples with seed + k, and traces store it as int64: a seed near 2**63 would overflow.
+    jobs, invalid = validate(pa.table({"job_id": ["a", "b", "c"], "prompt": ["p"] * 3, "seed": seeds}))
+    assert [job.seed for job in jobs] == [2**62 - 1]
+    assert [(r.job_id, r.error_type) for r in invalid] == [("b", "invalid_value"), ("c", "invalid_value")]
+    assert "seed is 4611686018427387904, expected in [0, 2**62)" in (invalid[0].error_message or "")
 
 
 def test_unknown_tools() -> None:

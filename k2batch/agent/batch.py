@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import polars as pl
+import pyarrow as pa
 from tqdm import tqdm
 
 from k2batch.agent.episode import Budgets, EpisodeOutcome, EpisodeSpec, registry_caller, run_episodes
@@ -16,7 +17,7 @@ from k2batch.agent.tools import TOOLS, ToolContext, ToolRegistry, ToolSettings
 from k2batch.config import BatchConfig, config_hash, load_config
 from k2batch.engine import Engine
 from k2batch.metrics import token_totals
-from k2batch.records import RESULT_SCHEMA, Job, RunInfo, results_table, traces_table, validate_jobs
+from k2batch.records import MAX_SEED, RESULT_SCHEMA, Job, Result, RunInfo, results_table, traces_table, validate_jobs
 from k2batch.shards import (
     Shard,
     ShardManifest,
@@ -57,7 +58,7 @@ def episode_spec(job: Job, config: BatchConfig, engine: Engine, registry: ToolRe
         temperature=config.sampling.temperature if job.temperature is None else job.temperature,
         top_p=config.sampling.top_p if job.top_p is None else job.top_p,
         top_k=config.sampling.top_k,
-        seed=job.seed if job.seed is not None else config.sampling.seed + own_seed,
+        seed=job.seed if job.seed is not None else (config.sampling.seed + own_seed) % MAX_SEED,
         budgets=Budgets(
             max_steps=job.max_steps or config.agent.max_steps,
             max_new_tokens=job.max_new_tokens or config.sampling.max_new_tokens,
@@ -97,7 +98,12 @@ def run_shard(
         count_tokens=lambda text: len(tokenizer.encode(text)),
         max_prompt_tokens=context_budget(config, engine),
     )
-    specs = [episode_spec(job, config, engine, registry) for job in jobs]
+    specs = []
+    for job in jobs:
+        try:
+            specs.append(episode_spec(job, config, engine, registry))
+        except Exception as error:  # one job that cannot start must not end the shard
+            invalid.append(_row_error(job.job_id, job.task, job.source_file, job.source_row, "episode_error", error))
     settings = ToolSettings.from_config(config.tools)
     contexts = {
         spec.job_id: ToolContext.for_job(spec.job_id, spec.task or "default", settings, options) for spec in specs
@@ -117,10 +123,49 @@ def run_shard(
     outcomes = run_episodes(engine, tokenizer, specs, call_tool, tool_workers=config.agent.tool_workers, on_done=done)
     bar.close()
     run = RunInfo(model=config.model, config_hash=manifest.config_hash, shard=shard.index, attempt=manifest.attempt)
-    results = results_table([o.result for o in outcomes] + invalid, run, inputs)
-    traces = traces_table([span for o in outcomes for span in o.spans])
+    results, traces = output_tables(outcomes, invalid, run, inputs)
     manifest = msgspec.structs.replace(manifest, timings={"run_s": time.perf_counter() - started})
     return write_shard_outputs(output_uri, shard.index, results, traces, manifest, options)
+
+
+def _row_error(
+    job_id: str | None, task: str | None, source_file: str, source_row: int, error_type: str, error: Exception
+) -> Result:
+    return Result(
+        job_id=job_id, task=task, status="error", error_type=error_type,
+        error_message=f"{type(error).__name__}: {error}", source_file=source_file, source_row=source_row,
+    )  # fmt: skip
+
+
+def output_tables(
+    outcomes: list[EpisodeOutcome], invalid: list[Result], run: RunInfo, inputs: pa.Table
+) -> tuple[pa.Table, pa.Table]:
+    """The shard's results and traces tables. An episode whose result or spans do not fit their columns (a
+    number out of int64 range, say) becomes an error row without spans, so one job cannot fail the shard."""
+    try:
+        return (
+            results_table([o.result for o in outcomes] + invalid, run, inputs),
+            traces_table([span for o in outcomes for span in o.spans]),
+        )
+    except Exception as error:
+        log.warning("shard %d: the outputs do not encode (%s); looking for the rows at fault", run.shard, error)
+    kept: list[EpisodeOutcome] = []
+    for outcome in outcomes:
+        try:
+            results_table([outcome.result], run)
+            traces_table(outcome.spans)
+            kept.append(outcome)
+        except Exception as error:
+            result = outcome.result
+            log.warning("job %s: its outputs do not encode: %s", result.job_id, error)
+            failed = _row_error(
+                result.job_id, result.task, result.source_file, result.source_row, "unencodable_output", error
+            )
+            kept.append(EpisodeOutcome(result=failed, spans=[]))
+    return (
+        results_table([o.result for o in kept] + invalid, run, inputs),
+        traces_table([span for o in kept for span in o.spans]),
+    )
 
 
 def scan_results(output_uri: str, options: dict[str, Any] | None = None) -> pl.LazyFrame:
