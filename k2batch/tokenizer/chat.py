@@ -1,4 +1,4 @@
-"""Render chat messages to prompt text with a checkpoint's jinja chat template, sandboxed as transformers does."""
+"""Render chat messages to prompt text with a checkpoint's jinja chat template, sandboxed and within a budget."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import jinja2
 import msgspec
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from k2batch.tokenizer.template_worker import WORKER
 
 # The K2 Thinking format, for checkpoints that ship no template of their own.
 BUILTIN_TEMPLATE = files("k2batch.tokenizer").joinpath("k2_thinking.jinja").read_text(encoding="utf-8")
@@ -29,43 +31,48 @@ def render_chat(
 ) -> str:
     """Render OpenAI-shaped messages (with K2's reasoning_content) and tool schemas into prompt text.
 
-    `template` is the checkpoint's own chat template; None uses the built-in K2 Thinking format. `escape`
-    (a tokenizer's `escape`) is applied to the messages' text (content, reasoning, tool-call arguments) first,
-    so that special-token strings written by users or tools stay text when the prompt is encoded.
+    `template` is the checkpoint's own chat template; None uses the built-in K2 Thinking format. A template
+    other than the built-in one renders in a worker process within a time, memory and output budget
+    (template_worker), raising TemplateBudgetError past it. Tool-call arguments given as an object are
+    written as JSON first. `escape` (a tokenizer's `escape`) is then applied to every string of every message
+    (content, reasoning, name, tool_call_id, tool-call ids, names and arguments), so that special-token strings
+    written by users or tools stay text when the prompt is encoded.
     Extra keyword arguments are visible to the template, as with transformers' apply_chat_template.
     """
-    compiled = _compile(BUILTIN_TEMPLATE if template is None else template)
     # Templates are untrusted code: they only ever see plain JSON-like data, never the caller's objects.
     context = msgspec.to_builtins({**kwargs, "messages": messages, "tools": tools})
-    if escape is not None:
-        context["messages"] = [_escape_message(m, escape) for m in context["messages"]]
-    return compiled.render(add_generation_prompt=add_generation_prompt, **context)
+    context["messages"] = [_prepare_message(m, escape) for m in context["messages"]]
+    context["add_generation_prompt"] = add_generation_prompt
+    if template is None or template == BUILTIN_TEMPLATE:
+        return compile_template(BUILTIN_TEMPLATE).render(**context)
+    return WORKER.render(template, context)
 
 
-def _escape_message(message: Any, escape: Callable[[str], str]) -> Any:
+def _prepare_message(message: Any, escape: Callable[[str], str] | None) -> Any:
     if not isinstance(message, dict):
         return message
-    out = dict(message)
-    for key in ("content", "reasoning_content"):
-        value = out.get(key)
-        if isinstance(value, str):
-            out[key] = escape(value)
-        elif isinstance(value, list):  # content parts: [{"type": "text", "text": ...}, ...]
-            out[key] = [
-                {**part, "text": escape(part["text"])} if isinstance(part, dict) and isinstance(part.get("text"), str)
-                else part
-                for part in value
-            ]  # fmt: skip
-    if isinstance(out.get("tool_calls"), list):
-        out["tool_calls"] = [_escape_call(call, escape) for call in out["tool_calls"]]
-    return out
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message = {**message, "tool_calls": [_arguments_as_text(call) for call in calls]}
+    return _escape_strings(message, escape) if escape is not None else message
 
 
-def _escape_call(call: Any, escape: Callable[[str], str]) -> Any:
+def _arguments_as_text(call: Any) -> Any:
     function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+    if not isinstance(function, dict) or "arguments" not in function or isinstance(function["arguments"], str):
         return call
-    return {**call, "function": {**function, "arguments": escape(function["arguments"])}}
+    return {**call, "function": {**function, "arguments": _tojson(function["arguments"])}}
+
+
+def _escape_strings(value: Any, escape: Callable[[str], str]) -> Any:
+    """`value` with `escape` applied to every string in it, dictionary keys included."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {_escape_strings(key, escape): _escape_strings(item, escape) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escape_strings(item, escape) for item in value]
+    return value
 
 
 def _raise_exception(message: str) -> None:
@@ -88,7 +95,8 @@ def _strftime_now(format: str) -> str:
 
 
 @lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
+def compile_template(template: str) -> jinja2.Template:
+    """The template compiled in the environment transformers gives chat templates (sandboxed, tojson, ...)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
