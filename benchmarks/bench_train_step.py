@@ -49,9 +49,7 @@ class MaterializedPrefixAttention(train.SharedPrefixAttention):
     """SharedPrefixAttention as it was before the fused kernel: every logit kept for the backward."""
 
     def __call__(self, layer, mla, q_nope, q_pe, latent, k_pe):
-        k_nope, v = mla.expand_kv(latent)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
+        q, k, v = mla.expand_qkv(q_nope, q_pe, latent, k_pe)
         p, b, s, h = self.prefix, self.batch, self.suffix_len, mla.num_heads
         qp, kp, vp = (x[:p].view(1, p, h, -1).transpose(1, 2) for x in (q, k, v))
         qs, ks, vs = (x[p:].view(b, s, h, -1).transpose(1, 2) for x in (q, k, v))

@@ -104,9 +104,7 @@ class TrainingAttention:
         self.mask: torch.Tensor | None = None
 
     def __call__(self, layer, mla, q_nope, q_pe, latent, k_pe):
-        k_nope, v = mla.expand_kv(latent)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
+        q, k, v = mla.expand_qkv(q_nope, q_pe, latent, k_pe)
         b, t = self.batch, self.seq_len
         q, k, v = (x.view(b, t, mla.num_heads, -1).transpose(1, 2) for x in (q, k, v))
         if self.mask is None:
@@ -129,9 +127,7 @@ class SharedPrefixAttention:
         self.masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, layer, mla, q_nope, q_pe, latent, k_pe):
-        k_nope, v = mla.expand_kv(latent)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
+        q, k, v = mla.expand_qkv(q_nope, q_pe, latent, k_pe)
         p, b, s, h = self.prefix, self.batch, self.suffix_len, mla.num_heads
         qp, kp, vp = (x[:p].view(1, p, h, -1).transpose(1, 2) for x in (q, k, v))
         qs, ks, vs = (x[p:].view(b, s, h, -1).transpose(1, 2) for x in (q, k, v))

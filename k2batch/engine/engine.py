@@ -1,4 +1,4 @@
-"""The offline engine loop: add requests, schedule a step, run the model, sample, finish sequences."""
+"""The offline engine: request intake, then a short loop of schedule -> execute -> update, and outputs."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from k2batch.engine.block_manager import BlockManager
 from k2batch.engine.config import EngineConfig, SamplingParams
+from k2batch.engine.kv_cache import KVCacheManager
 from k2batch.engine.model_runner import ModelRunner, kv_block_bytes
-from k2batch.engine.prefix_cache import common_prefix_len
-from k2batch.engine.sampler import sample
 from k2batch.engine.scheduler import Scheduler
 from k2batch.engine.sequence import RequestOutput, Sequence
 from k2batch.model import K2ForCausalLM, load_model
@@ -35,6 +33,8 @@ class EngineStats:
     decode_tokens: int = 0
     """Sampled tokens run back through the model: one per decoding sequence per step."""
     preemptions: int = 0
+    evicted_sessions: int = 0
+    """Agent sessions whose pinned KV was let go for memory while they waited (their continuation recomputes)."""
     prefill_s: float = 0.0
     """Seconds of the steps that ran prefill tokens (a step mixing prefill and decode counts in both)."""
     decode_s: float = 0.0
@@ -56,8 +56,9 @@ class Engine:
             num_blocks = config.num_kv_blocks
         else:
             num_blocks = max(1, int(config.kv_cache_gib * 2**30) // kv_block_bytes(model, config.block_size))
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        detokenize = self._detokenize if tokenizer is not None else None
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len, detokenize)
         self.runner = ModelRunner(model, config, num_blocks)
         eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -65,7 +66,6 @@ class Engine:
         self.eos_token_ids = frozenset(t for t in eos if t is not None)
         self.stats = EngineStats()
         self._ids = itertools.count()
-        self._finished: list[RequestOutput] = []
         self._default_rng = torch.Generator().manual_seed(0)
 
     @classmethod
@@ -89,100 +89,52 @@ class Engine:
         keep_kv: bool = False,
         continue_from: str | None = None,
     ) -> str:
-        """Queue a request. `keep_kv` pins its KV blocks after it finishes; `continue_from` names such a pinned
-        request whose tokens this prompt extends: the KV of the tokens they share is reused, so only the new
-        tokens are prefilled."""
+        """Queue a request. `keep_kv` keeps its KV as a session after it finishes; `continue_from` names such a
+        session whose tokens this prompt extends: the KV of the tokens they share is reused, so only the new
+        tokens are prefilled (if memory pressure evicted the session meanwhile, the prefix cache serves what
+        is left and the rest is recomputed)."""
         request_id = request_id or f"req-{next(self._ids)}"
         prompt_ids = self._encode(prompt)
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._default_rng))
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(
+            request_id, prompt_ids or [], params, seed=_int64(seed), stop_ids=stop_ids,
+            max_output=min(params.max_new_tokens, self.max_model_len - len(prompt_ids or [])), keep_kv=keep_kv,
+        )  # fmt: skip
         error = self._check(prompt_ids, params)
         if error:
             if continue_from:
-                self.release(continue_from)
-            self._finished.append(RequestOutput(request_id, prompt_ids or [], [], "error", error=error))
-            return request_id
-        seq = Sequence(request_id, prompt_ids, params, keep_kv=keep_kv)
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._default_rng))
-            seq.generator = torch.Generator().manual_seed(seed)
-        old = self.scheduler.kept.pop(continue_from, None) if continue_from else None
-        if old is not None:
-            # The last prompt token always runs (its logits pick the next token), even if its KV is there.
-            shared = common_prefix_len(old.tokens[: old.num_computed], prompt_ids[:-1])
-            self.blocks.transfer(old, seq, shared)
-        self.scheduler.add(seq)
+                self.scheduler.release(continue_from)
+            self.scheduler.reject(seq, error)
+        else:
+            self.scheduler.add(seq, continue_from)
         return request_id
 
     def release(self, request_id: str) -> None:
-        """Unpin a kept request's KV (its full blocks stay in the prefix cache until evicted)."""
+        """End a kept request's session: its KV is unpinned (full blocks stay in the prefix cache until evicted)."""
         self.scheduler.release(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._finished)
+        return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return the requests that finished (or were rejected) since the last step."""
-        batch, unfit = self.scheduler.schedule()
+        """Run one step; return the requests that finished (or were rejected) since the last step."""
+        plan = self.scheduler.schedule()
+        if plan is not None:
+            started = time.perf_counter()
+            result = self.runner.execute(plan)  # returns sampled ids on the host: the device is done
+            elapsed = time.perf_counter() - started
+            self.scheduler.update(plan, result)
+            s = self.stats
+            s.steps += 1
+            s.prefill_tokens += plan.num_prefill_tokens
+            s.decode_tokens += plan.num_decode_tokens
+            s.prefill_s += elapsed if plan.num_prefill_tokens else 0.0
+            s.decode_s += elapsed if plan.num_decode_tokens else 0.0
+        self.stats.cached_tokens = self.scheduler.num_cached_tokens
         self.stats.preemptions = self.scheduler.num_preemptions
-        for seq in unfit:
-            cap = self.blocks.num_blocks * self.config.block_size
-            self._finished.append(self._output(seq, "error", f"request needs {len(seq)} tokens of KV cache, the cache holds {cap}"))
-        if batch:
-            self._run(batch)
-        finished, self._finished = self._finished, []
-        return finished
-
-    def _run(self, batch: list[tuple[Sequence, int]]) -> None:
-        started = time.perf_counter()
-        # A decode token is the one just sampled; everything else run through the model is prefill.
-        decode = sum(1 for seq, q_len in batch if q_len == 1 and seq.output_ids and seq.num_computed == len(seq) - 1)
-        prefill = sum(q_len for _, q_len in batch) - decode
-        logits = self.runner.run(batch)
-        ready = []
-        for i, (seq, q_len) in enumerate(batch):
-            if seq.num_prefilled == 0:
-                self.stats.cached_tokens += seq.num_cached_prompt
-            if seq.copy_from is not None:
-                self.blocks.copy_done(seq)
-            seq.num_computed += q_len
-            seq.num_prefilled += q_len
-            if seq.num_computed == len(seq):
-                ready.append(i)
-        seqs = [batch[i][0] for i in ready]
-        tokens, logprobs = sample(logits[ready], seqs) if ready else ([], [])
-        elapsed = time.perf_counter() - started  # after sampling, which waits for the device
-        self.stats.steps += 1
-        self.stats.prefill_tokens += prefill
-        self.stats.decode_tokens += decode
-        self.stats.prefill_s += elapsed if prefill else 0.0
-        self.stats.decode_s += elapsed if decode else 0.0
-        for seq, token, logprob in zip(seqs, tokens, logprobs):
-            seq.output_ids.append(token)
-            if seq.params.logprobs:
-                seq.logprobs.append(logprob)
-            reason = self._stop_reason(seq, token)
-            if reason:
-                self._finish(seq, reason)
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        if p.stop:
-            tail = self._detokenize(seq.output_ids[-(max(len(s) for s in p.stop) + 8) :])
-            if any(s in tail for s in p.stop):
-                return "stop"
-        if len(seq.output_ids) >= p.max_new_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq)
-        if seq.keep_kv:
-            seq.num_computed = len(seq) - 1  # the last sampled token has not been through the model yet
-            self.scheduler.keep(seq)
-        else:
-            self.blocks.free(seq)
-        self._finished.append(self._output(seq, reason))
+        self.stats.evicted_sessions = self.kv.num_sessions_evicted
+        return [self._output(seq, reason, error) for seq, reason, error in self.scheduler.take_finished()]
 
     def _output(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
         text = None
@@ -225,8 +177,8 @@ class Engine:
             return f"token id {bad} is outside the vocabulary (size {vocab})"
         if len(ids) >= self.max_model_len:
             return f"prompt has {len(ids):,} tokens, context is {self.max_model_len:,}"
-        if -(-(len(ids) + 1) // self.config.block_size) > self.blocks.num_blocks:
-            return f"prompt has {len(ids):,} tokens, the KV cache holds {self.blocks.num_blocks * self.config.block_size:,}"
+        if -(-(len(ids) + 1) // self.config.block_size) > self.kv.num_blocks:
+            return f"prompt has {len(ids):,} tokens, the KV cache holds {self.kv.num_blocks * self.config.block_size:,}"
         return None
 
     # -- batch API ---------------------------------------------------------------------------------------
@@ -269,10 +221,16 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def prefix_cache_stats(self) -> dict[str, int]:
-        cache = self.blocks.cache
+        cache = self.kv.cache
         if cache is None:
             return {"hit_blocks": 0, "miss_blocks": 0, "cached_blocks": 0}
         return {"hit_blocks": cache.hit_blocks, "miss_blocks": cache.miss_blocks, "cached_blocks": len(cache)}
+
+
+def _int64(seed: int) -> int:
+    """A seed of any size as the signed 64-bit value with the same low 64 bits."""
+    seed &= 2**64 - 1
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def _rate(tokens: int, seconds: float) -> float:

@@ -84,10 +84,17 @@ class MLAttention(nn.Module):
         out = attention(self.layer, self, q_nope, q_pe, latent, k_pe)
         return self.o_proj(out.reshape(n, self.num_heads * self.v_dim))
 
-    def expand_kv(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up-project latents [S, L] to per-head keys (nope part) [S, H, qk_nope] and values [S, H, v]."""
+    def expand_qkv(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head queries [Nq, H, qk_head], keys [Nk, H, qk_head] and values [Nk, H, v] for attention with
+        up-projected K/V: the keys' latents [Nk, L] go through kv_b_proj, their shared rope key [Nk, R] is
+        repeated for every head. Queries and keys may be different tokens (a prefill chunk over its context)."""
         kv = self.kv_b_proj(latent).view(latent.shape[0], self.num_heads, self.qk_nope_dim + self.v_dim)
-        return kv.split([self.qk_nope_dim, self.v_dim], dim=-1)
+        k_nope, v = kv.split([self.qk_nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)), dim=-1)
+        return q, k, v
 
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head as W_UK [H, qk_nope, L] and W_UV [H, v, L], for attention in latent space."""

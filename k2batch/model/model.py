@@ -26,9 +26,7 @@ class CausalAttention:
         latent: torch.Tensor,
         k_pe: torch.Tensor,
     ) -> torch.Tensor:
-        k_nope, v = mla.expand_kv(latent)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, mla.num_heads, -1)), dim=-1)
+        q, k, v = mla.expand_qkv(q_nope, q_pe, latent, k_pe)
         b, t = self.batch, self.seq_len
         q, k, v = (x.view(b, t, mla.num_heads, -1).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=mla.scale)

@@ -46,19 +46,19 @@ def script_steps(engine: Engine, scripts: dict[str, list[int]]) -> None:
     """Make every request whose id ("JOB:STEP") ends with a key of `scripts` emit that key's ids, then decode
     freely: a test-only policy that forces known tool-call sections and answers out of a random model while the
     real engine runs every token. Keys: ":1" (step 1 of every job) or "job:1" (one job's step)."""
-    run = engine.runner.run
+    compute_logits = engine.runner.compute_logits
 
-    def scripted(batch):
-        logits = run(batch).clone()
-        for row, (seq, q_len) in enumerate(batch):
-            script = next((ids for key, ids in scripts.items() if seq.request_id.endswith(key)), None)
-            done = len(seq.output_ids)
-            if script is not None and seq.num_computed + q_len == len(seq) and done < len(script):
-                logits[row] = torch.full_like(logits[row], -1e9)
-                logits[row, script[done]] = 0.0
+    def scripted(plan):
+        logits = compute_logits(plan).clone()
+        for k, (row, done) in enumerate(zip(plan.sample_rows.tolist(), plan.sample_index.tolist())):
+            request_id = plan.request_ids[row]
+            script = next((ids for key, ids in scripts.items() if request_id.endswith(key)), None)
+            if script is not None and done < len(script):
+                logits[k] = torch.full_like(logits[k], -1e9)
+                logits[k, script[done]] = 0.0
         return logits
 
-    engine.runner.run = scripted
+    engine.runner.compute_logits = scripted
 
 
 def script_first_step(engine: Engine, script: list[int], steps: tuple[int, ...] = (0,)) -> None:

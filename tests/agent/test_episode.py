@@ -80,7 +80,7 @@ def test_tools_run_and_results_continue_the_prompt(k2_checkpoint):
         assert chats[1].cached_input_tokens >= chats[0].input_tokens + chats[0].output_tokens - 1
         assert result.cached_prompt_tokens >= chats[1].cached_input_tokens
     # Every episode ended, so no KV stays pinned.
-    assert not engine.scheduler.kept
+    assert not engine.kv.sessions
 
 
 def test_second_prompt_is_previous_context_plus_rendered_delta(scripted_engine):
@@ -135,7 +135,7 @@ def test_budgets_end_episodes_with_their_status(scripted_engine):
     statuses = {o.result.job_id: o.result.status for o in outcomes}
     assert statuses == {"steps": "step_limit", "tokens": "token_limit", "episode": "token_limit"}
     assert outcomes[0].result.tool_calls == 2 and outcomes[0].result.steps == 1
-    assert not engine.scheduler.kept
+    assert not engine.kv.sessions
 
 
 def test_a_final_turn_that_does_not_parse_or_says_nothing_is_an_error_not_an_answer(k2_checkpoint):
@@ -220,7 +220,7 @@ def test_one_failing_episode_ends_alone_with_status_error(k2_checkpoint, monkeyp
     assert outcomes["tool-bug"].error_message == "RuntimeError: caller broke (1 steps done)"
     assert outcomes["parse-bug"].error_message == "ValueError: parser broke (0 steps done)"
     assert outcomes["ok1"].answer == outcomes["ok2"].answer == "2+3 is 5."
-    assert not engine.scheduler.kept  # the failed episodes' KV was let go too
+    assert not engine.kv.sessions  # the failed episodes' KV was let go too
 
 
 def test_a_tool_call_runs_while_other_episodes_decode(k2_checkpoint):

@@ -333,9 +333,7 @@ def test_fused_training_attention_equals_the_materialized_softmax(prefix):
     grads = torch.autograd.grad((out * weight).sum(), inputs)
 
     # The reference: every sequence whole ([prefix, own tokens]), causal.
-    k_nope, v = mla.expand_kv(latent)
-    q = torch.cat((q_nope, q_pe), dim=-1)
-    k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, h, -1)), dim=-1)
+    q, k, v = mla.expand_qkv(q_nope, q_pe, latent, k_pe)
     rows = torch.stack([torch.cat((torch.arange(prefix), prefix + r * s + torch.arange(s))) for r in range(b)])
     qf, kf, vf = (x[rows].transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
     ref, ref_max = reference_attention(qf, kf, vf, torch.ones(t, t, dtype=torch.bool).tril(), mla.scale)

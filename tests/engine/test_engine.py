@@ -76,7 +76,7 @@ def test_greedy_matches_transformers(model, prompts_and_reference, name):
     if name == "preemption":
         assert engine.stats.preemptions > 0
     if name == "chunked_prefill":
-        prefill_steps = [sum(1 for rid, prompt in chunks if rid == o.request_id and prompt) for o in outputs]
+        prefill_steps = [sum(1 for rid, first in chunks if rid == o.request_id and first < len(o.prompt_ids)) for o in outputs]
         assert max(prefill_steps) >= 3  # a 69-token prompt over a 24-token budget
 
 
@@ -225,7 +225,7 @@ def test_kv_cache_sized_from_memory_budget(model):
     block_bytes = c.num_hidden_layers * 16 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # float32 latents
     engine = Engine(model, EngineConfig(kv_cache_gib=0.001, block_size=16))
     expected = int(0.001 * 2**30) // block_bytes
-    assert engine.blocks.num_blocks == expected == 116
+    assert engine.kv.num_blocks == expected == 116
     assert engine.runner.kv_cache.shape == (c.num_hidden_layers, expected, 16, c.kv_lora_rank + c.qk_rope_head_dim)
 
 
@@ -282,17 +282,18 @@ def _distinct_prefixes(prompts):
 
 
 def _record_chunks(engine):
-    """Record (request, whether it runs prompt tokens) for each sequence of each step the model runs."""
-    chunks, run = [], engine.runner.run
+    """Record (request, position of its first query token) for each row of each step the model runs."""
+    chunks, execute = [], engine.runner.execute
 
-    def recording(batch):
-        chunks.extend((seq.request_id, seq.num_computed < len(seq.prompt_ids)) for seq, _ in batch)
-        return run(batch)
+    def recording(plan):
+        chunks.extend(zip(plan.request_ids, plan.positions[plan.query_start[:-1]].tolist()))
+        return execute(plan)
 
-    engine.runner.run = recording
+    engine.runner.execute = recording
     return chunks
 
 
 def _assert_all_blocks_returned(engine):
-    blocks = engine.blocks
-    assert not any(blocks.ref_count) and blocks.num_allocatable == blocks.num_blocks
+    kv = engine.kv
+    assert not kv.sessions
+    assert not any(kv.ref_count) and kv.num_allocatable == kv.num_blocks

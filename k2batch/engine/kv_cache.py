@@ -1,20 +1,30 @@
-"""KV block allocation: reference counts, free blocks, and sharing full blocks through the prefix cache."""
+"""Who holds which KV blocks: reference counts, free blocks, full blocks shared through the prefix cache, and the
+agent sessions whose KV stays pinned between steps."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
-from k2batch.engine.prefix_cache import Node, PrefixCache
+from k2batch.engine.prefix_cache import Node, PrefixCache, common_prefix_len
 from k2batch.engine.sequence import Sequence
 
 
-class BlockManager:
+class KVCacheManager:
+    """The scheduler's one view of KV memory. Every change to a sequence's blocks goes through here.
+
+    A session is a finished request kept with its KV (`keep_kv`) because its agent will continue it after a tool
+    call. Sessions are pinned but never block running work: when blocks run short the oldest session is evicted
+    (its full blocks stay in the prefix cache until reused), and its continuation recomputes what was lost.
+    """
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_count = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.cache = PrefixCache(block_size) if enable_prefix_caching else None
+        self.sessions: OrderedDict[str, Sequence] = OrderedDict()
+        self.num_sessions_evicted = 0
         # Per sequence: the prefix-cache nodes of its first full blocks. A node's block is not the sequence's own
         # when another sequence published the same content first; the sequence then references that block too,
         # because its later blocks hang under that node and a cached node must not be evicted under them.
@@ -25,8 +35,38 @@ class BlockManager:
         """Blocks that can be handed out now: free ones, and cached ones nobody references."""
         return len(self.free_blocks) + (self.cache.num_evictable if self.cache else 0)
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+    # -- sessions ------------------------------------------------------------------------------------------
+
+    def keep(self, seq: Sequence) -> None:
+        """Pin a finished sequence's KV as a session. Its last sampled token has not been through the model."""
+        seq.num_computed = len(seq) - 1
+        self.sessions[seq.request_id] = seq
+
+    def resume(self, session_id: str, seq: Sequence) -> None:
+        """Give `seq` the KV of the tokens it shares with the session it continues. If the session was evicted,
+        nothing is carried over: the prefix cache serves what survived when `seq` is admitted."""
+        old = self.sessions.pop(session_id, None)
+        if old is None:
+            return
+        # The last prompt token always runs (its logits pick the next token), even if its KV is there.
+        shared = common_prefix_len(old.token_slice(0, old.num_computed), seq.prompt_ids[:-1])
+        self._transfer(old, seq, shared)
+
+    def release(self, session_id: str) -> None:
+        """End a session: its KV is unpinned (full blocks stay in the prefix cache until evicted)."""
+        seq = self.sessions.pop(session_id, None)
+        if seq is not None:
+            self.free(seq)
+
+    def _evict_session(self) -> bool:
+        if not self.sessions:
+            return False
+        _, old = self.sessions.popitem(last=False)
+        self.free(old)
+        self.num_sessions_evicted += 1
+        return True
+
+    # -- blocks of running and waiting sequences -----------------------------------------------------------
 
     def match_prefix(self, seq: Sequence) -> None:
         """Point a new sequence's first blocks at cached ones, and count the tokens it can skip.
@@ -38,7 +78,7 @@ class BlockManager:
         """
         if self.cache is None:
             return
-        tokens = seq.tokens[: len(seq) - 1]
+        tokens = seq.token_slice(0, len(seq) - 1)
         nodes = self.cache.match(tokens)
         for node in nodes:
             self._ref(node.block)
@@ -64,10 +104,14 @@ class BlockManager:
             self.cache.count_lookup(seq.num_computed // self.block_size, (len(seq) - 1) // self.block_size)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow the block table to hold `num_tokens` tokens; False (and nothing changed) if memory is short."""
-        needed = self.blocks_needed(seq, num_tokens)
-        if needed > self.num_allocatable:  # exact (see PrefixCache), so the loop below cannot run short
-            return False
+        """Grow the block table to hold `num_tokens` tokens, evicting sessions (oldest first) if blocks are short;
+        False (and nothing changed but evictions) if even that is not enough."""
+        needed = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if needed <= 0:  # most decode steps: the last block has room
+            return True
+        while needed > self.num_allocatable:  # exact (see PrefixCache), so the loop below cannot run short
+            if not self._evict_session():
+                return False
         for _ in range(needed):
             block = self.free_blocks.popleft() if self.free_blocks else self.cache.evict()
             self._ref(block)
@@ -83,11 +127,13 @@ class BlockManager:
         if self.cache is None:
             return
         path = self._path.setdefault(seq.request_id, [])
+        bs = self.block_size
+        if (len(path) + 1) * bs > num_tokens:  # no block filled up since the last commit (most decode steps)
+            return
         node = path[-1] if path else self.cache.root
-        tokens, bs = seq.tokens, self.block_size
         while (len(path) + 1) * bs <= num_tokens:
             i = len(path)
-            node = self.cache.insert(node, tuple(tokens[i * bs : (i + 1) * bs]), seq.block_table[i])
+            node = self.cache.insert(node, tuple(seq.token_slice(i * bs, (i + 1) * bs)), seq.block_table[i])
             if node.block != seq.block_table[i]:
                 self._ref(node.block)
             path.append(node)
@@ -99,7 +145,7 @@ class BlockManager:
         seq.num_computed = 0
         self._path.pop(seq.request_id, None)
 
-    def transfer(self, old: Sequence, new: Sequence, num_tokens: int) -> None:
+    def _transfer(self, old: Sequence, new: Sequence, num_tokens: int) -> None:
         """Hand the KV of a finished sequence's first `num_tokens` tokens to its continuation; free the rest."""
         new.block_table, old.block_table = old.block_table, []
         if old.request_id in self._path:
