@@ -25,14 +25,15 @@ from k2batch.records import (
 )
 from k2batch.storage import (
     FileInfo,
+    NotAFileError,
     StorageOptions,
     WrittenFile,
     child_names,
     file_sha256,
-    filesystem,
     join,
     list_files,
     list_uris,
+    open_for_reading,
     read_json,
     remove,
     write_json_atomic,
@@ -121,9 +122,8 @@ class ShardManifest(msgspec.Struct, frozen=True, kw_only=True):
 @contextmanager
 def _parquet(uri: str, options: StorageOptions) -> Iterator[pq.ParquetFile]:
     """An input file opened as Parquet; any Arrow or I/O failure while using it becomes an InputError naming it."""
-    fs, path = filesystem(uri, options)
     try:
-        with fs.open(path, "rb") as handle:
+        with open_for_reading(uri, options) as handle:
             yield pq.ParquetFile(handle)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{uri}: not a readable Parquet file ({exc}); replace or remove it") from exc
@@ -373,11 +373,7 @@ def start_attempt(
     and config, crashed ones included (a count in memory would restart at 1 after a kill)."""
     prefix = attempts_uri(output_uri, shard.index)
     if attempt is None:
-        earlier = [
-            read_json(join(prefix, name), options, type=AttemptMarker)
-            for name in child_names(prefix, options)
-            if name.endswith(".json")
-        ]
+        earlier = [read_json(uri, options, type=AttemptMarker) for uri in list_uris(prefix, options, suffix=".json")]
         attempt = 1 + sum(m.input_hash == shard.input_hash and m.config_hash == config_hash for m in earlier)
     marker = AttemptMarker(
         shard=shard.index, input_hash=shard.input_hash, config_hash=config_hash, attempt=attempt, started_at=time.time()
@@ -456,7 +452,7 @@ def completed_shards(output_uri: str, plan: ShardPlan, config_hash: str, options
             continue
         try:
             manifest = read_json(uri, options, type=ShardManifest)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, NotAFileError):
             log.warning("manifest %s is unreadable; shard %d will run again", uri, shard.index)
             continue
         if manifest.input_hash != shard.input_hash or manifest.config_hash != config_hash:

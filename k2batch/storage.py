@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import stat
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 T = TypeVar("T")
 StorageOptions = Mapping[str, Any] | None
@@ -52,6 +55,44 @@ def filesystem(uri: str, options: StorageOptions = None) -> tuple[AbstractFileSy
     return fsspec.core.url_to_fs(uri, **kwargs)
 
 
+class NotAFileError(OSError):
+    """A local path that is a FIFO, a device, a socket or a link to one: reading it could block or reach
+    what is not data."""
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _regular(fs: AbstractFileSystem, path: str, info: Mapping[str, Any]) -> bool:
+    """Whether a listed entry is a regular file (a local one after following links)."""
+    if not _is_local(fs):
+        return info.get("type") == "file"
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # a dangling link, or gone since it was listed
+        return False
+
+
+def open_for_reading(uri: str, options: StorageOptions = None) -> IO[bytes]:
+    """`uri` opened for binary reads. A local path that is not a regular file is refused (NotAFileError)
+    without blocking on it: a FIFO would wait for a writer forever, a device is no input."""
+    fs, path = filesystem(uri, options)
+    if not _is_local(fs):
+        return fs.open(path, "rb")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening some devices acts on them
+        raise NotAFileError(f"{uri} is not a regular file (a FIFO, device or socket); remove it")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check above
+            raise NotAFileError(f"{uri} is not a regular file (a FIFO, device or socket); remove it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def join(uri: str, *parts: str) -> str:
     """`uri` with `parts` appended, '/'-separated (URIs are not OS paths)."""
     return "/".join([uri.rstrip("/"), *(part.strip("/") for part in parts)])
@@ -83,22 +124,22 @@ def child_names(prefix_uri: str, options: StorageOptions = None) -> list[str]:
 
 
 def file_sha256(uri: str, options: StorageOptions = None) -> str | None:
-    """SHA-256 of the file's bytes, read in chunks; None when there is no file."""
+    """SHA-256 of the file's bytes, read in chunks; None when there is no file (or no regular file)."""
     fs, path = filesystem(uri, options)
     fs.invalidate_cache(path)
     digest = hashlib.sha256()
     try:
-        with fs.open(path, "rb") as handle:
+        with open_for_reading(uri, options) as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotAFileError):
         return None
     return digest.hexdigest()
 
 
 def read_bytes(uri: str, options: StorageOptions = None) -> bytes:
-    fs, path = filesystem(uri, options)
-    return fs.cat_file(path)
+    with open_for_reading(uri, options) as handle:
+        return handle.read()
 
 
 def read_json(uri: str, options: StorageOptions = None, *, type: type[T] | None = None) -> Any:
@@ -148,11 +189,12 @@ def _find(prefix_uri: str, options: StorageOptions, suffix: str) -> list[tuple[s
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
-    entries = {path: fs.info(path)} if fs.isfile(path) else fs.find(path, withdirs=False, detail=True)
+    top = fs.info(path)
+    entries = {path: top} if top["type"] != "directory" else fs.find(path, withdirs=False, detail=True)
     found = []
     for name, info in entries.items():
         base = name.rsplit("/", 1)[-1]
-        if not base.endswith(suffix) or base.startswith((".", "_")):
+        if not base.endswith(suffix) or base.startswith((".", "_")) or not _regular(fs, name, info):
             continue
         found.append((join(prefix_uri, name[len(path) :]) if name != path else prefix_uri, name, info))
     return sorted(found, key=lambda entry: entry[0])
@@ -161,12 +203,12 @@ def _find(prefix_uri: str, options: StorageOptions, suffix: str) -> list[tuple[s
 def list_files(prefix_uri: str, options: StorageOptions = None, *, suffix: str = ".parquet") -> list[FileInfo]:
     """Files under `prefix_uri` (recursively; or the file itself) whose names end in `suffix`, sorted by URI.
 
-    Hidden names ('.', '_': temporary keys, _SUCCESS markers) are skipped. URIs are `prefix_uri` joined
+    Hidden names ('.', '_': temporary keys, _SUCCESS markers) are skipped, and so is anything that is not a
+    regular file (a FIFO, device or socket; links are followed). URIs are `prefix_uri` joined
     with the path below it, so they compare equal to URIs built with `join` from the same root."""
-    fs, _ = filesystem(prefix_uri, options)
     return [
-        FileInfo(uri=uri, size=int(info["size"]), mtime=_mtime(info), etag_or_hash=_fingerprint(fs, name, info))
-        for uri, name, info in _find(prefix_uri, options, suffix)
+        FileInfo(uri=uri, size=int(info["size"]), mtime=_mtime(info), etag_or_hash=_fingerprint(uri, info, options))
+        for uri, _, info in _find(prefix_uri, options, suffix)
     ]
 
 
@@ -186,12 +228,12 @@ def _mtime(info: Mapping[str, Any]) -> float:
     return 0.0
 
 
-def _fingerprint(fs: AbstractFileSystem, path: str, info: Mapping[str, Any]) -> str:
+def _fingerprint(uri: str, info: Mapping[str, Any], options: StorageOptions) -> str:
     etag = info.get("ETag") or info.get("etag")
     if etag:
         return str(etag).strip('"')
     digest = hashlib.md5(usedforsecurity=False)
-    with fs.open(path, "rb") as handle:
+    with open_for_reading(uri, options) as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import socket
+import stat
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +151,53 @@ def test_polars_scans_parquet_written_to_s3(s3_bucket: str, s3_options: dict[str
         .collect()
     )
     assert frame.to_dicts() == [{"shard": s, "len": 4, "tokens": 6} for s in range(3)]
+
+
+@contextlib.contextmanager
+def writer_after(fifo: Path, seconds: float) -> Iterator[list[bool]]:
+    """Should the code under test block opening `fifo`, a writer opens it after `seconds`: the test then fails on
+    the returned flag instead of hanging."""
+    unblocked: list[bool] = []
+
+    def write() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only if a reader is waiting
+            unblocked.append(True)
+        except OSError:
+            pass
+
+    timer = threading.Timer(seconds, write)
+    timer.start()
+    try:
+        yield unblocked
+    finally:
+        timer.cancel()
+
+
+def special_files(folder: Path) -> list[Path]:
+    """A FIFO, a socket, a link to a device and (as root) a device node, each named like a Parquet file."""
+    os.mkfifo(folder / "fifo.parquet")
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(folder / "socket.parquet"))
+    os.symlink("/dev/zero", folder / "zero.parquet")
+    made = [folder / "fifo.parquet", folder / "socket.parquet", folder / "zero.parquet"]
+    if os.geteuid() == 0:
+        os.mknod(folder / "null.parquet", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        made.append(folder / "null.parquet")
+    return made
+
+
+def test_listing_skips_what_is_not_a_regular_file_and_reads_refuse_it(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    storage.write_parquet_atomic(str(tmp_path / "sub" / "a.parquet"), pa.table({"x": [1]}))
+    os.symlink(tmp_path / "sub" / "a.parquet", tmp_path / "link.parquet")  # a link to a file is a file
+    made = special_files(tmp_path)
+    with writer_after(tmp_path / "fifo.parquet", 10.0) as unblocked:
+        files = storage.list_files(str(tmp_path))
+        for path in made:
+            assert storage.list_files(str(path)) == [], path
+            with pytest.raises(storage.NotAFileError, match="not a regular file"):
+                storage.read_bytes(str(path))
+            assert storage.file_sha256(str(path)) is None
+    assert not unblocked
+    assert [file.uri for file in files] == [str(tmp_path / "link.parquet"), str(tmp_path / "sub" / "a.parquet")]

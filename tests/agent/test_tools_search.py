@@ -78,9 +78,9 @@ def test_memory_uri_index_is_built_once_across_threads(monkeypatch: pytest.Monke
     builds: list[str] = []
     build = search_module._build_index
 
-    def counting_build(fs, path: str, uri: str) -> search_module.CorpusIndex:
+    def counting_build(uri: str, options: dict) -> search_module.CorpusIndex:
         builds.append(uri)
-        return build(fs, path, uri)
+        return build(uri, options)
 
     monkeypatch.setattr(search_module, "_build_index", counting_build)
     listings: list[str] = []

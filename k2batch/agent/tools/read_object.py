@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from k2batch.storage import filesystem
+from k2batch.storage import open_for_reading
 
 from .context import ToolContext
 from .registry import TOOLS
@@ -64,8 +64,7 @@ def allowed_uri(uri: str, prefixes: Sequence[str]) -> str:
 
 
 def read_text(uri: str, storage_options: dict[str, Any]) -> str:
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "rb") as file:
+    with open_for_reading(uri, storage_options) as file:
         data = file.read(MAX_READ_BYTES + 1)
     truncated = len(data) > MAX_READ_BYTES
     try:

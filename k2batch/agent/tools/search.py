@@ -10,7 +10,7 @@ import bm25s
 import numpy as np
 import pyarrow.parquet as pq
 
-from k2batch.storage import filesystem
+from k2batch.storage import filesystem, open_for_reading
 
 from .context import ToolContext
 from .registry import TOOLS
@@ -59,8 +59,8 @@ _indexes: dict[tuple[str, str], tuple[tuple[Any, ...], CorpusIndex]] = {}
 _build_lock = threading.Lock()
 
 
-def _build_index(fs: Any, path: str, uri: str) -> CorpusIndex:
-    with fs.open(path, "rb") as file:
+def _build_index(uri: str, options: dict[str, Any]) -> CorpusIndex:
+    with open_for_reading(uri, options) as file:
         table = pq.read_table(file)
     missing = [c for c in _COLUMNS if c not in table.column_names]
     if missing:
@@ -89,7 +89,7 @@ def corpus_index(uri: str, storage_options: dict[str, Any] | None = None) -> Cor
         with _build_lock:  # one build per corpus version even when many episodes search at once
             cached = _indexes.get(key)
             if cached is None or cached[0] != fingerprint:
-                cached = _indexes[key] = (fingerprint, _build_index(fs, path, uri))
+                cached = _indexes[key] = (fingerprint, _build_index(uri, options))
     return cached[1]
 
 
