@@ -1,12 +1,18 @@
-"""Offline throughput: transformers' batched generate vs the k2batch engine on the same random K2-shaped checkpoint.
+"""Offline throughput: transformers' batched generate vs the k2batch engine on the same random K2-shaped checkpoint;
+and the engine's step overhead.
 
-Both sides run in this process on the same weights (INT4 routed experts, dequantized for transformers) and the same
-ragged prompts, half of them sharing a long prefix. Checks that the engine's greedy outputs equal transformers', then
-prints output tokens/s of each, their ratio, and prefill tokens computed by the engine against the distinct prompt
-tokens (the trie minimum).
+Throughput: both sides run in this process on the same weights (INT4 routed experts, dequantized for transformers) and
+the same ragged prompts, half of them sharing a long prefix. Checks that the engine's greedy outputs equal
+transformers', then prints output tokens/s of each, their ratio, and prefill tokens computed by the engine against the
+distinct prompt tokens (the trie minimum).
 
-    python benchmarks/bench_engine.py                      # the issue's setting: 256 requests, 128 new tokens
+Step overhead: on a tiny model (where the model itself costs little) with every decode slot full, the median time of
+one whole engine step (schedule, plan tensors, forward, sampling, update) against the median time of the bare model
+forward (and logits) on the same step's tensors, greedy and sampled (temperature 1, top-p 0.95).
+
+    python benchmarks/bench_engine.py                      # both: 256 requests, 128 new tokens; 256 decode slots
     python benchmarks/bench_engine.py --requests 32 --new-tokens 16   # a quick look
+    python benchmarks/bench_engine.py --only overhead      # the step overhead alone (no transformers needed)
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from k2batch.engine import Engine, EngineConfig, SamplingParams
 from k2batch.engine.prefix_cache import common_prefix_len
+from k2batch.engine.model_runner import PagedAttention
 from k2batch.model import load_model
+from k2batch.model.config import ModelConfig
+from k2batch.model.export import random_model
 from k2batch.model.layers import Router
 from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 
@@ -142,6 +151,57 @@ def divergence(model, prompt: list[int], got: list[int], ref: list[int], index: 
             f"the lone forward agrees with {side}; smallest expert top-k margin {min(margins):.1e}")  # fmt: skip
 
 
+TINY = dict(
+    model_type="kimi_k2", vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+    num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+    topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827, max_position_embeddings=4096,
+    eos_token_id=1, rope_theta=50000.0,
+)  # fmt: skip
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def step_overhead(slots: int, steps: int, params: SamplingParams) -> tuple[float, float]:
+    """Median seconds of one engine step with `slots` sequences decoding, and of the bare forward on its tensors."""
+    model = random_model(ModelConfig.from_dict(TINY))
+    engine = Engine(model, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=8192, num_kv_blocks=slots * 16))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(slots):
+        engine.add_request(torch.randint(3, TINY["vocab_size"], (32,), generator=g).tolist(), params)
+    execute, plans = engine.runner.execute, []
+    engine.runner.execute = lambda plan: plans.append(plan) or execute(plan)
+    while not plans or plans[-1].num_decode < slots:  # prefill until every slot decodes
+        engine.step()
+    step_s = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        step_s.append(time.perf_counter() - started)
+    plan = plans[-1]
+    assert plan.num_decode == plan.num_rows == slots, "the timed steps must be decode-only with every slot full"
+    attention = PagedAttention(engine.runner.kv_cache, plan, model.device)
+    last = (plan.query_start[1:] - 1)[plan.sample_rows]
+    forward_s = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.compute_logits(model(plan.input_ids, plan.positions, attention)[last]).float()
+        forward_s.append(time.perf_counter() - started)
+    return _median(step_s), _median(forward_s)
+
+
+def report_step_overhead(slots: int, steps: int) -> None:
+    for name, params in [
+        ("greedy", SamplingParams(temperature=0, max_new_tokens=steps + 8, ignore_eos=True)),
+        ("sampled", SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=steps + 8, ignore_eos=True)),
+    ]:
+        step, forward = step_overhead(slots, steps, params)
+        print(f"step overhead, {slots} decode slots, {name:7s}: engine step {step * 1e3:6.2f} ms, bare forward "
+              f"{forward * 1e3:6.2f} ms, ratio {step / forward:.2f}x (tiny model, threads {torch.get_num_threads()})")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=256)
@@ -149,8 +209,15 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=250, help="tokens of the prefix shared by half the prompts")
     ap.add_argument("--hf-batch", type=int, default=64, help="transformers batch size")
     ap.add_argument("--slots", type=int, default=128, help="engine decode slots")
+    ap.add_argument("--overhead-slots", type=int, default=256, help="decode slots of the step-overhead figure")
+    ap.add_argument("--overhead-steps", type=int, default=40, help="timed steps of the step-overhead figure")
+    ap.add_argument("--only", choices=("throughput", "overhead"), help="run one of the two parts")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    if args.only != "throughput":
+        report_step_overhead(args.overhead_slots, args.overhead_steps)
+    if args.only == "overhead":
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_checkpoint(Path(tmp))

@@ -67,7 +67,7 @@ def script_first_step(engine: Engine, script: list[int], steps: tuple[int, ...] 
 
 
 def engine_for(path: Path, **overrides) -> Engine:
-    return Engine.from_pretrained(str(path), EngineConfig(max_num_seqs=8, num_kv_blocks=512, **overrides))
+    return Engine.from_pretrained(str(path), EngineConfig(**{"max_num_seqs": 8, "num_kv_blocks": 512, **overrides}))
 
 
 @pytest.fixture(scope="module", autouse=True)

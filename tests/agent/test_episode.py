@@ -6,6 +6,7 @@ import pytest
 
 import json
 import threading
+import time
 
 import msgspec
 
@@ -277,3 +278,28 @@ def test_context_overflow_hides_earlier_tool_results(k2_checkpoint):
     assert tight_prompts[2].endswith("nope:1\nok<|im_end|><|im_assistant|>assistant<|im_middle|>")
     chats = [s for s in tight.spans if s.operation == "chat"]
     assert len(chats) == 3 and chats[2].input_tokens < full
+
+
+def test_episodes_finish_when_the_cache_cannot_hold_every_waiting_session(k2_checkpoint):
+    """Slow tools keep six sessions waiting at once in a cache that holds one episode and a little more: sessions are
+    evicted and recomputed, and every episode ends exactly as with room for all."""
+    jobs = [f"tight{i}" for i in range(6)]
+
+    def slow_caller(job_id, step, call_id, name, arguments):
+        time.sleep(0.05)
+        return ToolResult("5")
+
+    def run(**overrides):
+        engine = engine_for(k2_checkpoint, **overrides)
+        tokenizer = engine.tokenizer
+        script_steps(engine, {":0": tokenizer.encode_chat(CALLS), ":1": tokenizer.encode_chat(ANSWER)})
+        return engine, run_episodes(engine, tokenizer, [spec(j, per_episode=400) for j in jobs], slow_caller)
+
+    roomy, expected = run()
+    context = max(s.input_tokens + s.output_tokens for o in expected for s in o.spans if s.operation == "chat")
+    tight, outcomes = run(num_kv_blocks=-(-context // 16) + 4, block_size=16)
+    assert tight.stats.evicted_sessions > 0 and roomy.stats.evicted_sessions == 0
+    assert [o.result.status for o in outcomes] == ["ok"] * 6
+    assert [chat_ids(o) for o in outcomes] == [chat_ids(o) for o in expected]
+    assert tight.stats.prefill_tokens > roomy.stats.prefill_tokens  # what was evicted was computed again
+    assert not tight.kv.sessions
