@@ -9,9 +9,10 @@ import dagster as dg
 import yaml
 
 from pipelines.assets import batch_job, batch_report, shard_plan, shard_results
-from pipelines.resources import EngineResource, StorageIOManager, StorageResource
+from pipelines.resources import EngineResource, StorageResource
 from pipelines.schedules import nightly_batches
 from pipelines.sensors import batch_inputs
+from pipelines.step_outputs import StepOutputsIOManager
 from pipelines.settings import EXECUTORS, Executor, base_batch_config, current_settings
 
 K8S_EXECUTOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster-k8s" / "executor.yaml"
@@ -53,7 +54,7 @@ def build_definitions(
         resources={
             "storage": storage,
             "engine": engine or EngineResource(),
-            "io_manager": StorageIOManager(storage=storage),
+            "io_manager": StepOutputsIOManager(storage=storage, root=settings.step_outputs),
         },
         executor=executor_for(executor or settings.executor),
     )

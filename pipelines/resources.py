@@ -1,9 +1,6 @@
-"""Resources: the storage root (with its fsspec options), the engine (one model load per run process),
-and an IO manager that keeps step outputs under the storage root, so steps can run on different machines."""
+"""Resources: the storage root (with its fsspec options) and the engine (one model load per run process)."""
 
 import os
-import pickle
-import re
 from typing import Any
 
 import dagster as dg
@@ -12,9 +9,7 @@ from pydantic import Field, PrivateAttr
 
 from k2batch.config import secret_paths
 from k2batch.engine import Engine, EngineConfig
-from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
 
-_GLOB = re.compile(r"[\[\]*?]+")
 SECRET_FIELDS = ("key", "secret", "token")
 
 
@@ -43,7 +38,7 @@ def secret_reference(field: str, value: Any) -> Any:
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Where batches live: {root}/inputs/, {root}/outputs/ and Dagster's step outputs under {root}/dagster/.
+    """Where batches live: {root}/inputs/ and {root}/outputs/.
 
     Credentials are only references to environment variables (dg.EnvVar, or {env: ...} in the launchpad);
     without them s3fs and polars read the AWS_* environment themselves."""
@@ -103,37 +98,3 @@ class EngineResource(dg.ConfigurableResource):
     def discard(self) -> None:
         """Drop the loaded engine: after a failure mid-shard its state is unknown, so a retry loads afresh."""
         self._engines.clear()
-
-
-class StorageIOManager(dg.ConfigurableIOManager):
-    """Pickles step outputs under {root}/dagster/: assets by key and partition, op outputs by run and step.
-
-    The default IO manager writes to the local disk of the process that ran the step; this one lets a
-    shard step on another machine (a k8s pod) read what the plan step wrote."""
-
-    storage: dg.ResourceDependency[StorageResource]
-
-    def _uri(self, context: dg.OutputContext | dg.InputContext) -> str:
-        if context.has_asset_key:
-            parts = ["assets", *context.asset_key.path]
-            if context.has_asset_partitions:
-                parts.append(context.asset_partition_key)
-        else:
-            output = context if isinstance(context, dg.OutputContext) else context.upstream_output
-            # Step keys of mapped steps hold brackets (run_shard[shard_00001]), which fsspec reads as globs.
-            parts = ["steps", *(_GLOB.sub("-", part).rstrip("-") for part in output.get_identifier())]
-        return join(self.storage.root, "dagster", *parts) + ".pickle"
-
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        if obj is None:
-            return
-        uri = self._uri(context)
-        write_bytes_atomic(uri, pickle.dumps(obj), self.storage.fsspec_options())
-        context.add_output_metadata({"uri": uri})
-
-    def load_input(self, context: dg.InputContext) -> Any:
-        uri = self._uri(context)
-        options = self.storage.fsspec_options()
-        if not exists(uri, options):
-            raise dg.Failure(f"{uri} is missing: materialize the upstream asset of {context.name!r} first")
-        return pickle.loads(read_bytes(uri, options))

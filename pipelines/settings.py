@@ -40,7 +40,9 @@ class CheckSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
 class PipelineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     root: str
-    """Storage root: {root}/inputs/, {root}/outputs/, {root}/dagster/."""
+    """Storage root: {root}/inputs/, {root}/outputs/."""
+    step_outputs: str
+    """Where steps leave their outputs for later steps; empty: the Dagster instance's storage directory."""
     batch_config: str
     """TOML overlaying configs/default.toml; empty for none."""
     executor: Executor
@@ -60,12 +62,16 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_settings(path: str | os.PathLike[str] = DAGSTER_CONFIG) -> PipelineSettings:
     """The TOML at `path`, overlaid table by table by the TOML named in K2BATCH_DAGSTER_SETTINGS, then
-    K2BATCH_ROOT, K2BATCH_CONFIG and K2BATCH_EXECUTOR from the environment."""
+    K2BATCH_ROOT, K2BATCH_STEP_OUTPUTS, K2BATCH_CONFIG and K2BATCH_EXECUTOR from the environment."""
     data = _read(path)
     if os.environ.get("K2BATCH_DAGSTER_SETTINGS"):
         for key, value in _read(os.environ["K2BATCH_DAGSTER_SETTINGS"]).items():
             data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
-    for key, variable in (("root", "K2BATCH_ROOT"), ("batch_config", "K2BATCH_CONFIG"), ("executor", "K2BATCH_EXECUTOR")):
+    overrides = (
+        ("root", "K2BATCH_ROOT"), ("step_outputs", "K2BATCH_STEP_OUTPUTS"), ("batch_config", "K2BATCH_CONFIG"),
+        ("executor", "K2BATCH_EXECUTOR"),
+    )  # fmt: skip
+    for key, variable in overrides:
         if os.environ.get(variable):
             data[key] = os.environ[variable]
     try:

@@ -14,7 +14,8 @@ import pytest
 
 from k2batch.engine import Engine, EngineConfig
 from pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
-from pipelines.resources import StorageIOManager, StorageResource
+from pipelines.resources import StorageResource
+from pipelines.step_outputs import StepOutputsIOManager
 from tests.pipelines.conftest import ScriptedEngine, batch_run_config, write_jobs
 
 ASSETS = [shard_plan, shard_results, batch_report]
@@ -23,7 +24,9 @@ ASSETS = [shard_plan, shard_results, batch_report]
 def materialize(root, model, instance, batch="b1", engine=None, selection=None, run_config=None, **report):
     storage = StorageResource(root=str(root))
     instance.add_dynamic_partitions(batches.name, [batch])
-    resources = {"storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StorageIOManager(storage=storage)}
+    resources = {
+        "storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StepOutputsIOManager(storage=storage)
+    }
     run_config = run_config or batch_run_config(model, **report)
     if selection is not None:
         run_config = {"ops": {op: config for op, config in run_config["ops"].items() if op in selection}}

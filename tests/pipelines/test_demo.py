@@ -12,7 +12,8 @@ import pytest
 
 from k2batch.demo.workspace import write_jobs
 from pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
-from pipelines.resources import EngineResource, StorageIOManager, StorageResource
+from pipelines.resources import EngineResource, StorageResource
+from pipelines.step_outputs import StepOutputsIOManager
 from tests.pipelines.conftest import DEMO_MODEL, demo_run_config
 
 JOBS = 4  # the three tasks, then retrieval again: two shards of two
@@ -33,7 +34,9 @@ def demo_batch(tmp_path_factory):
             [shard_plan, shard_results, batch_report],
             partition_key="demo",
             instance=instance,
-            resources={"storage": storage, "engine": EngineResource(), "io_manager": StorageIOManager(storage=storage)},
+            resources={
+                "storage": storage, "engine": EngineResource(), "io_manager": StepOutputsIOManager(storage=storage)
+            },
             run_config=demo_run_config(rows_per_shard=2),
             raise_on_error=False,
         )

@@ -4,6 +4,7 @@ and the outputs read back from S3 with polars. Credentials reach the resources o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -70,6 +71,9 @@ def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
         assert result.success
         again = batch_inputs(dg.build_sensor_context(instance=instance, cursor=tick.cursor, resources={"storage": s3_storage}))
         assert not again.run_requests
+        # Step outputs are JSON in the instance's storage directory, nothing of Dagster's is under the data root.
+        stored = Path(instance.storage_directory()) / "assets" / "shard_plan" / "b1.json"
+        assert json.loads(stored.read_text())["type"] == "BatchPlan"
 
     output = f"{s3_storage.root}/outputs/b1"
     options = polars_storage_options(output, s3_options)
@@ -84,8 +88,7 @@ def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
     traces = pl.scan_parquet(f"{output}/traces/**/*.parquet", storage_options=options).collect()
     assert traces.filter(pl.col("operation") == "execute_tool")["tool_name"].to_list()
     assert json.loads(fs.cat(f"{output}/summary.json"))["rows"] == 5
-    # Step outputs live under the root too, so a step on another machine can read them.
-    assert fs.exists(f"{s3_storage.root}/dagster/assets/shard_plan/b1.pickle")
+    assert sorted(path.rsplit("/", 1)[-1] for path in fs.ls(s3_storage.root)) == ["inputs", "outputs"]
     assert pq.ParquetFile(fs.open(f"{output}/results/shard=00000/part-0.parquet")).metadata.num_rows == 3
 
 
