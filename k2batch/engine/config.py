@@ -27,6 +27,14 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     packed weights directly."""
     dtype: str = "float32"
     device: str = "cpu"
+    data_parallel_size: int = 1
+    """Ranks the engine spans (one process each, one GPU each on CUDA): attention data-parallel, every rank with its
+    own requests, KV cache and prefix cache; routed experts split over the ranks (expert parallelism). 1 runs the
+    model in the calling process."""
+    rank_timeout_s: float = 600.0
+    """Seconds a rank may take for one step (and one MoE exchange) before the engine gives up with an error."""
+    rank_start_timeout_s: float = 3600.0
+    """Seconds the ranks may take to start and load their weights."""
     show_progress: bool | None = None
     """Progress bar for `generate` (prefill and decode tokens/s); None: only on a terminal, for calls over a second."""
 

@@ -9,13 +9,14 @@ from k2batch.engine.config import EngineConfig
 from k2batch.engine.plan import StepPlan, StepResult
 from k2batch.engine.sampler import sample
 from k2batch.model import K2ForCausalLM
+from k2batch.model.config import ModelConfig
 from k2batch.model.layers import MLAttention
 from kernels.mla_decode import mla_decode
 
 
-def kv_block_bytes(model: K2ForCausalLM, block_size: int) -> int:
-    c = model.config
-    return c.num_hidden_layers * block_size * c.kv_cache_dim * model.dtype.itemsize
+def kv_block_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
+    """Bytes of one KV-cache block: every layer's latents (kv_lora_rank + rope key) for block_size tokens."""
+    return config.num_hidden_layers * block_size * config.kv_cache_dim * dtype.itemsize
 
 
 class PagedAttention:

@@ -184,13 +184,24 @@ class RoutedExperts(nn.Module):
         return fused_moe(x, w13, w2, topk_weights, topk_ids)
 
 
+class ExpertExchange(Protocol):
+    """Runs a layer's routed experts when they are split over ranks (expert parallelism): sends each token to the
+    ranks owning its top-k experts and returns the weighted sum of their outputs [N, hidden]."""
+
+    def __call__(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: RoutedExperts
+    ) -> torch.Tensor: ...
+
+
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, int4_scale_dtype: torch.dtype | None):
+    def __init__(self, config: ModelConfig, int4_scale_dtype: torch.dtype | None, experts: range | None = None):
         super().__init__()
         self.gate = Router(config)
-        self.experts = RoutedExperts(
-            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, int4_scale_dtype
-        )
+        experts = experts if experts is not None else range(config.n_routed_experts)
+        self.experts = RoutedExperts(len(experts), config.hidden_size, config.moe_intermediate_size, int4_scale_dtype)
+        self.expert_range = experts
+        """The routed experts this module holds: all of them, or one rank's share under expert parallelism."""
+        self.exchange: ExpertExchange | None = None
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts
@@ -199,18 +210,25 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
-        out = self.experts(x, topk_weights, topk_ids)
+        if self.exchange is not None:
+            out = self.exchange(x, topk_weights, topk_ids, self.experts)
+        else:
+            out = self.experts(x, topk_weights, topk_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, int4_scale_dtype: torch.dtype | None):
+    def __init__(
+        self, config: ModelConfig, layer: int, int4_scale_dtype: torch.dtype | None, experts: range | None = None
+    ):
         super().__init__()
         self.self_attn = MLAttention(config, layer)
         self.mlp = (
-            MoE(config, int4_scale_dtype) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+            MoE(config, int4_scale_dtype, experts)
+            if config.is_moe_layer(layer)
+            else MLP(config.hidden_size, config.intermediate_size)
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

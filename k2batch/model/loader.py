@@ -101,6 +101,13 @@ def scan_tensors(fs: AbstractFileSystem, root: str) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _rows(info: TensorInfo, rows: range) -> TensorInfo:
+    """The byte range of rows `rows` (of the first dimension) of a tensor."""
+    row_bytes = (info.end - info.start) // info.shape[0] if info.shape and info.shape[0] else 0
+    return TensorInfo(info.file, info.dtype, (len(rows), *info.shape[1:]), info.start + rows.start * row_bytes,
+                      info.start + rows.stop * row_bytes)  # fmt: skip
+
+
 class _LocalTensors:
     """Tensors of local safetensors files, memory-mapped by safetensors: each is read when it is asked for."""
 
@@ -108,11 +115,18 @@ class _LocalTensors:
         self.root = Path(root)
         self._files = ExitStack()
         self._handles: dict[str, Any] = {}
+        self.bytes_read = 0
 
-    def get(self, key: str, info: TensorInfo) -> torch.Tensor:
+    def get(self, key: str, info: TensorInfo, rows: range | None = None) -> torch.Tensor:
         if info.file not in self._handles:
             self._handles[info.file] = self._files.enter_context(safe_open(self.root / info.file, "pt"))
-        return self._handles[info.file].get_tensor(key)
+        handle = self._handles[info.file]
+        if rows is None:
+            self.bytes_read += info.end - info.start
+            return handle.get_tensor(key)
+        part = _rows(info, rows)
+        self.bytes_read += part.end - part.start
+        return handle.get_slice(key)[rows.start : rows.stop]
 
     def close(self) -> None:
         self._files.close()
@@ -125,8 +139,11 @@ class _RemoteTensors:
     def __init__(self, fs: AbstractFileSystem, root: str):
         self.fs, self.root = fs, root
         self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.bytes_read = 0
 
-    def get(self, key: str, info: TensorInfo) -> torch.Tensor:
+    def get(self, key: str, info: TensorInfo, rows: range | None = None) -> torch.Tensor:
+        if rows is not None:
+            info = _rows(info, rows)
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"{key}: dtype {info.dtype} is not supported")
         data = self._read(info.file, info.start, info.end)
@@ -142,12 +159,14 @@ class _RemoteTensors:
     def _read(self, file: str, start: int, end: int) -> bytes | memoryview:
         path = f"{self.root}/{file}"
         if end - start >= _WINDOW:
+            self.bytes_read += end - start
             return self.fs.cat_file(path, start=start, end=end)
         for (w_file, w_start), window in self._windows.items():
             if w_file == file and w_start <= start and end <= w_start + len(window):
                 self._windows.move_to_end((w_file, w_start))
                 return memoryview(window)[start - w_start : end - w_start]
         window = self.fs.cat_file(path, start=start, end=start + _WINDOW)
+        self.bytes_read += len(window)
         self._windows[(file, start)] = window
         if len(self._windows) > _WINDOWS:
             self._windows.popitem(last=False)
@@ -171,29 +190,35 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     storage_options: Mapping[str, Any] | None = None,
+    experts: range | None = None,
 ) -> K2ForCausalLM:
     """Build K2ForCausalLM from a checkpoint directory or fsspec URI (`storage_options` go to object stores).
 
     Routed experts stored as compressed-tensors INT4 stay packed; block-FP8 weights are dequantized on load; every
-    other weight is cast to `dtype`. Errors name the tensor and what was expected.
+    other weight is cast to `dtype`. Errors name the tensor and what was expected. `experts` loads only those
+    routed experts (a rank's share under expert parallelism): the others' bytes are never read.
+    `model.checkpoint_bytes_read` tells how many bytes came from storage.
     """
     config = read_config(str(path), storage_options)
     dtype = parse_dtype(dtype)
+    if experts is not None and not (0 <= experts.start <= experts.stop <= config.n_routed_experts and experts.step == 1):
+        raise ValueError(f"experts {experts} is not a range within the model's {config.n_routed_experts} experts")
     fs, root = filesystem(str(path), storage_options)
     root = root.rstrip("/")
     tensors = scan_tensors(fs, root)
     int4_scale_dtype = _int4_expert_scale_dtype(tensors, config)
     with torch.device("meta"):
-        model = K2ForCausalLM(config, int4_scale_dtype)
+        model = K2ForCausalLM(config, int4_scale_dtype, experts)
         for p in model.parameters():  # buffers keep their own dtypes (fp32 router bias, INT4 words/scales)
             p.data = p.data.to(dtype)
     model.to_empty(device=device)
     reader = _LocalTensors(root) if _is_local(fs) else _RemoteTensors(fs, root)
     try:
-        _fill(model, config, _Filler(model, reader, tensors, config))
+        _fill(model, config, _Filler(model, reader, tensors, config), experts or range(config.n_routed_experts))
     finally:
         reader.close()
     model.eval().requires_grad_(False)
+    model.checkpoint_bytes_read = reader.bytes_read
     return model
 
 
@@ -237,25 +262,27 @@ class _Filler:
         self.fp8_block = quant.block_size if quant is not None and quant.method == "fp8_block" else None
         self.filled: set[tuple[str, int, int]] = set()  # (target, expert or -1, row offset); (target, -1, 0): all of it
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: range | None = None) -> torch.Tensor:
+        """The tensor stored under `key`, or only its `rows` (of the first dimension): only those bytes are read."""
         info = self.tensors.get(key)
         if info is None:
             raise CheckpointError(f"missing tensor {key}")
-        return self.reader.get(key, info)
+        return self.reader.get(key, info, rows)
 
-    def float_weight(self, key: str) -> torch.Tensor:
+    def float_weight(self, key: str, rows: range | None = None) -> torch.Tensor:
         """The float weight stored under `key`, dequantizing INT4 (`*.weight_packed`) or block-FP8 storage."""
         if key.endswith(".weight_packed"):
             base = key.removesuffix("_packed")
             w = unpack_int4(self.get(key), self.get(f"{base}_scale"), torch.float32)
             self.check_shape(f"{base}_shape", w.shape)
             return w
-        w = self.get(key)
+        w = self.get(key, rows)
         if w.dtype != torch.float8_e4m3fn:
             return w
         if self.fp8_block is None:
             raise CheckpointError(f"{key} is FP8 but config.json has no fp8 quantization_config (weight_block_size)")
-        return dequantize_fp8_block(w, self.get(f"{key}_scale_inv"), self.fp8_block, f"{key}_scale_inv")
+        scale = self.get(f"{key}_scale_inv", rows)
+        return dequantize_fp8_block(w, scale, self.fp8_block, f"{key}_scale_inv")
 
     def check_shape(self, shape_key: str, shape: torch.Size) -> None:
         if shape_key in self.tensors:
@@ -276,7 +303,7 @@ class _Filler:
         self.filled.add((target, expert, row))
 
 
-def _fill(model: K2ForCausalLM, config: ModelConfig, filler: _Filler) -> None:
+def _fill(model: K2ForCausalLM, config: ModelConfig, filler: _Filler, experts: range) -> None:
     tensors, inter = filler.tensors, config.moe_intermediate_size
     unexpected: list[str] = []
     with torch.no_grad():
@@ -293,6 +320,9 @@ def _fill(model: K2ForCausalLM, config: ModelConfig, filler: _Filler) -> None:
             fused = _FUSED_EXPERTS.search(name)
             if expert and leaf in ("weight", "weight_packed"):
                 i, e, proj = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+                if e not in experts:
+                    continue  # another rank's expert
+                e -= experts.start
                 stack, row = ("w2", 0) if proj == "down_proj" else ("w13", inter if proj == "up_proj" else 0)
                 base = f"layers.{i}.mlp.experts"
                 if model.layers[i].mlp.experts.quantized:
@@ -308,7 +338,8 @@ def _fill(model: K2ForCausalLM, config: ModelConfig, filler: _Filler) -> None:
                     filler.copy(f"{base}.{stack}", filler.float_weight(key), key, e, row)
             elif fused:
                 stack = "w13" if fused.group(2) == "gate_up_proj" else "w2"
-                filler.copy(f"layers.{fused.group(1)}.mlp.experts.{stack}", filler.float_weight(key), key)
+                rows = experts if len(experts) < config.n_routed_experts else None
+                filler.copy(f"layers.{fused.group(1)}.mlp.experts.{stack}", filler.float_weight(key, rows), key)
             elif leaf in ("weight", "weight_packed") and f"{prefix}.weight" in filler.targets:
                 filler.copy(f"{prefix}.weight", filler.float_weight(key), key)
             elif name in filler.targets:
@@ -319,7 +350,7 @@ def _fill(model: K2ForCausalLM, config: ModelConfig, filler: _Filler) -> None:
     if config.tie_word_embeddings and ("lm_head.weight", -1, 0) not in filler.filled:
         model.lm_head.weight = model.embed_tokens.weight
         filler.filled.add(("lm_head.weight", -1, 0))
-    missing = _missing(model, config, filler.filled)
+    missing = _missing(model, config, filler.filled, experts)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensors: {', '.join(missing[:5])}{more}")
@@ -327,7 +358,7 @@ def _fill(model: K2ForCausalLM, config: ModelConfig, filler: _Filler) -> None:
         log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
 
 
-def _missing(model: K2ForCausalLM, config: ModelConfig, filled: set[tuple[str, int, int]]) -> list[str]:
+def _missing(model: K2ForCausalLM, config: ModelConfig, filled: set[tuple[str, int, int]], experts: range) -> list[str]:
     missing = []
     inter = config.moe_intermediate_size
     for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
@@ -339,8 +370,8 @@ def _missing(model: K2ForCausalLM, config: ModelConfig, filled: set[tuple[str, i
             continue
         layer, stack = m.group(1), m.group(2)
         parts = [("down_proj", 0)] if stack == "w2" else [("gate_proj", 0), ("up_proj", inter)]
-        for e in range(config.n_routed_experts):
+        for e in experts:
             for proj, row in parts:
-                if (name, e, row) not in filled:
+                if (name, e - experts.start, row) not in filled:
                     missing.append(f"model.layers.{layer}.mlp.experts.{e}.{proj}")
     return sorted(set(missing))

@@ -34,11 +34,14 @@ class CausalAttention:
 
 
 class K2ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, int4_scale_dtype: torch.dtype | None = None):
+    def __init__(self, config: ModelConfig, int4_scale_dtype: torch.dtype | None = None, experts: range | None = None):
+        """`experts`: the routed experts to hold (a rank's share under expert parallelism); all by default."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, int4_scale_dtype) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, int4_scale_dtype, experts) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
