@@ -128,6 +128,28 @@ def replay(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def plan(args: argparse.Namespace) -> None:
+    """Weights, KV cache and episodes per GPU for a model on N GPUs, from its config.json alone."""
+    import msgspec
+    import torch
+
+    from k2batch.capacity import PlanError, format_plan, plan_capacity, read_model_config
+    from k2batch.config import load_config
+
+    options = load_config(args.config).storage.options
+    try:
+        name, config = read_model_config(args.model, options)
+        result = plan_capacity(
+            config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib, memory_utilization=args.memory_utilization,
+            reserve_gib=args.reserve_gib, episode_tokens=args.episode_tokens, dtype=getattr(torch, args.dtype),
+            int4_scale_dtype=getattr(torch, args.int4_scale_dtype), block_size=args.block_size, model=name,
+        )  # fmt: skip
+    except PlanError as error:
+        print(f"k2batch: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(msgspec.json.format(msgspec.json.encode(result)).decode() if args.json else format_plan(result))
+
+
 def _count(text: str) -> int:
     """argparse type: a whole number >= 0."""
     value = int(text)
@@ -202,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output prefix of the batch")
     p.add_argument("--config", help="TOML overlaying configs/default.toml")
     p.set_defaults(func=run)
+    p = sub.add_parser("plan", help="weights, KV cache and episodes per GPU for a model on N GPUs (no weights needed)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, its config.json (local or fsspec URI), or a built-in name: "
+                        "kimi-k2-thinking")  # fmt: skip
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) of one engine")
+    p.add_argument("--gpu-memory-gib", type=float, required=True,
+                   help="memory of one GPU as CUDA reports it, GiB (H200: 139.8, H100 80GB: 79.1)")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="fraction of a GPU's memory for weights and KV cache, like vLLM's gpu_memory_utilization")
+    p.add_argument("--reserve-gib", type=float, default=0.0,
+                   help="GiB per GPU held back on top of that (activations, CUDA graphs, communication buffers)")
+    p.add_argument("--episode-tokens", type=int, default=65536, help="tokens of one episode's context")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="weights other than INT4 experts, and the KV cache")
+    p.add_argument("--int4-scale-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of the INT4 experts' group scales in the checkpoint (bfloat16 in K2 Thinking)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block ([engine] block_size)")
+    p.add_argument("--config", help="TOML whose [storage] options reach a checkpoint on object storage")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (bytes, tokens) instead of a table")
+    p.set_defaults(func=plan)
     p = sub.add_parser("inspect", help="summary table of a batch's results")
     p.add_argument("output")
     p.add_argument("--config", help="TOML with the prices (default: configs/default.toml)")
