@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev,s3,dagster]"
+	# The python tool isolates model-written code with Debian's bubblewrap (README, section Sandbox).
+	command -v bwrap || (apt-get update -q && apt-get install -y -q bubblewrap)
 	# Browser tests drive Debian's chromium through Playwright (never a downloaded browser).
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver)
 	touch $@

@@ -65,6 +65,8 @@ class PythonToolLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     cpu_s: float
     memory_mb: int
     output_chars: int
+    allow_weaker_sandbox: bool
+    """Without bubblewrap, run the python tool in the weaker sandbox instead of refusing the batch."""
 
 
 class ToolsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

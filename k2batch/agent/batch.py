@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from k2batch.agent.episode import Budgets, EpisodeOutcome, EpisodeSpec, registry_caller, run_episodes
 from k2batch.agent.tools import TOOLS, ToolContext, ToolRegistry, ToolSettings
+from k2batch.agent.tools.python_sandbox import require_sandbox
 from k2batch.config import BatchConfig, config_hash, load_config
 from k2batch.engine import Engine
 from k2batch.metrics import token_totals
@@ -105,6 +106,8 @@ def run_shard(
         except Exception as error:  # one job that cannot start must not end the shard
             invalid.append(_row_error(job.job_id, job.task, job.source_file, job.source_row, "episode_error", error))
     settings = ToolSettings.from_config(config.tools)
+    if any("python" in spec.tools for spec in specs):
+        require_sandbox(settings)  # before any episode runs: no python tool without the isolation it promises
     contexts = {
         spec.job_id: ToolContext.for_job(spec.job_id, spec.task or "default", settings, options) for spec in specs
     }

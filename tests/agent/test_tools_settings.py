@@ -15,4 +15,5 @@ def test_settings_from_the_default_batch_config() -> None:
         tools.python.memory_mb,
         tools.python.output_chars,
     )
+    assert settings.python_allow_weaker_sandbox is tools.python.allow_weaker_sandbox is False
     assert ToolContext.for_job("job-1", "draft", settings).logical_time == tools.now

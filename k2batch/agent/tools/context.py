@@ -23,6 +23,8 @@ class ToolSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     python_cpu_s: float = 5.0
     python_memory_mb: int = 512
     python_output_chars: int = 8000
+    python_allow_weaker_sandbox: bool = False
+    """Run the python tool without bubblewrap, in the weaker sandbox (python_sandbox says what it keeps)."""
     read_object_prefixes: tuple[str, ...] = ()
     now: str = "2025-01-01T00:00:00+00:00"  # the batch's logical "now", fixed so replays are exact
 
@@ -35,6 +37,7 @@ class ToolSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
             python_cpu_s=config.python.cpu_s,
             python_memory_mb=config.python.memory_mb,
             python_output_chars=config.python.output_chars,
+            python_allow_weaker_sandbox=config.python.allow_weaker_sandbox,
             read_object_prefixes=tuple(config.read_object_prefixes),
             now=config.now.isoformat(),
         )

@@ -1,27 +1,38 @@
-"""The `python` tool: run model-written code in a confined, short-lived subprocess.
+"""The `python` tool: run model-written code in an isolated, short-lived process.
 
-Threat model. The code comes from a model, not from an adversary who studies this file: the aim
-is to contain mistakes and naive misuse (reading /etc or a user's files, calling a web API,
-fork bombs, runaway loops or allocations, floods of output), not to be a security boundary.
-The barriers, from strongest to weakest:
+Threat model. The code comes from a model, and the model reads inputs that anyone able to drop a
+file into the bucket may have written: treat the code as an adversary's. What it must not reach:
+the batch process and its environment (credentials), other processes, the network, the project
+tree and the inputs, any file outside its own scratch folder; nor may it outlast its call or
+exhaust the machine. The layers, from the outside in:
 
-* The OS. A child in its own session (its process group is killed at the wall-time limit, and
-  it is killed if the parent dies) with rlimits on CPU time, address space, file size, open
-  files and processes, no core dumps, an empty environment, stdin from /dev/null, and a fresh
-  temporary working directory that is deleted afterwards. Where the kernel allows it (as root,
-  or with unprivileged user namespaces, unless a container forbids unshare(2)) the child moves
-  into a new, empty network namespace: only a loopback interface that is down, so no address
-  is reachable. network_isolation() says which applies; a warning is logged when none does.
-* An audit hook (`sys.addaudithook`), installed by the bootstrap before the user code is
-  compiled. It refuses sockets, ctypes, subprocesses, fork/exec, signals to other processes,
-  links, rlimit changes and gc introspection (the way to reach the hook), and allows file
-  access only inside the working directory, plus read-only access to the interpreter's stdlib
-  directories (the `-I -S` sys.path) so imports work. Its state lives in the function's
-  defaults and it is referenced from nowhere user code can reach, so it cannot be removed or
-  edited in an obvious way. It is still Python checking Python: code that sets out to defeat it
-  (for instance by monkeypatching the stdlib path helpers it calls) may well succeed. As root,
-  without the hook, the child could read any file; a deployment that needs a hard file-system
-  boundary must also run the batch as an unprivileged user or in a container.
+* bubblewrap (`bwrap`, Debian's package; `make install` installs it). The interpreter runs as uid
+  65534 in new user, mount, PID, network, IPC, UTS and cgroup namespaces (outside them it is the
+  batch's own uid, holding no capability), with no capabilities and no way to create further user
+  namespaces. Its file system is a fresh root holding, read-only,
+  /usr (with the /bin, /lib, ... links) and the interpreter's own prefix, a minimal /dev, a /proc
+  of its own PID namespace (no other process is visible, the batch's included), and a private
+  writable tmpfs of MAX_WORK_BYTES at /sandbox with the code in it; nothing else. The network
+  namespace has only its own loopback interface. bwrap dies with the thread that started it, and
+  the namespace's processes die with it.
+* Resource limits, set by the bootstrap in the child: CPU time, address space, file size, open
+  files, no further processes, no core dumps; the wall time is enforced from outside, by
+  killing the whole process group. The environment is empty, stdin is /dev/null, and output past
+  the cap is read and dropped.
+* An audit hook (`sys.addaudithook`), installed before the user code is compiled: it refuses
+  sockets, ctypes, subprocesses, fork/exec, signals, links, rlimit changes and gc introspection,
+  and allows file access only inside the working directory plus reads of the stdlib. It is
+  Python checking Python, and ordinary stdlib calls can walk around it (os.mkfifo, pidfd signals,
+  a replaced os.fspath): it is an inner layer, never the wall.
+
+Without bubblewrap (not installed, or the kernel or a container forbids its namespaces) the tool
+refuses to run, with an error saying why, unless the batch config sets
+tools.python.allow_weaker_sandbox = true. The weaker sandbox keeps what the kernel gives without
+bubblewrap: run by root, the child drops to uid 65534 (so it cannot signal, renice or read the
+environment of the batch or of any process of another user, create device nodes, or write where that
+uid cannot; it can read what any user can); run by another user, it keeps that user's uid, and only the
+audit hook and the limits stand between it and the batch's files and processes. Where the kernel
+allows, it also gets an empty network namespace. sandbox() says which applies here.
 
 Limits are applied by the bootstrap inside the child, after exec, rather than in a preexec_fn:
 tools run on a thread pool, and preexec_fn is unsafe in a multi-threaded parent.
@@ -38,7 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Literal
+
+import msgspec
 
 from .context import ToolContext, ToolSettings
 from .registry import TOOLS
@@ -46,26 +59,34 @@ from .registry import TOOLS
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 64 << 20  # RLIMIT_FSIZE: enough for scratch files, not for filling the disk
+MAX_WORK_BYTES = 64 << 20  # size of the working directory's tmpfs under bubblewrap
 MAX_OPEN_FILES = 64
+SANDBOX_UID = 65534  # nobody
+WORKDIR = "/sandbox"  # the working directory inside bubblewrap's fresh root
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
 
-# Runs as `python -I -S -c _BOOTSTRAP workdir parent_pid cpu_s memory_bytes file_bytes open_files net_flags`
-# with the working directory as cwd and the user code in ./main.py.
+# Runs as `python -I -S -c _BOOTSTRAP workdir cpu_s memory_bytes file_bytes open_files parent_pid net_flags`
+# with the working directory as cwd and the user code in ./main.py. parent_pid 0: bubblewrap ties the
+# child to the batch instead; net_flags 0: no unshare here.
 _BOOTSTRAP = r"""
 import os, resource, sys
 
 workdir = sys.argv[1]
-parent, cpu_s, memory_bytes, file_bytes, open_files, net_flags = map(int, sys.argv[2:8])
+cpu_s, memory_bytes, file_bytes, open_files, parent, net_flags = map(int, sys.argv[2:8])
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 # Die with the parent, even if it exits without waiting for us (PR_SET_PDEATHSIG = 1). The
 # signal comes when the thread that started us ends; run_python waits for us in that thread.
-if libc.prctl(1, 9, 0, 0, 0) != 0 or os.getppid() != parent:
+if parent and (libc.prctl(1, 9, 0, 0, 0) != 0 or os.getppid() != parent):
     sys.stderr.write("sandbox: cannot tie this process to its parent's lifetime\n")
     os._exit(70)
 if net_flags and libc.unshare(net_flags) != 0:
     sys.stderr.write(f"sandbox: cannot isolate the network (errno {ctypes.get_errno()})\n")
+    os._exit(70)
+# No exec can gain privileges (PR_SET_NO_NEW_PRIVS = 38); bubblewrap sets it too.
+if libc.prctl(38, 1, 0, 0, 0) != 0:
+    sys.stderr.write("sandbox: cannot set no_new_privs\n")
     os._exit(70)
 del ctypes, libc
 for name in [m for m in sys.modules if m == "_ctypes" or m.split(".")[0] == "ctypes"]:
@@ -79,6 +100,7 @@ for limit, soft, hard in (
     (resource.RLIMIT_CORE, 0, 0),
 ):
     resource.setrlimit(limit, (soft, hard))
+os.environ.clear()
 os.environ["TMPDIR"] = os.environ["HOME"] = workdir
 with open("main.py", encoding="utf-8") as file:
     source = file.read()
@@ -175,12 +197,65 @@ except BaseException as error:
 """
 
 
-def _command(workdir: str, settings: ToolSettings, net_flags: int) -> list[str]:
+class SandboxUnavailable(RuntimeError):
+    """The python tool cannot get the isolation it promises here, and the config does not accept less."""
+
+
+class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
+    """How the child is isolated on this machine."""
+
+    kind: Literal["bubblewrap", "kernel"]
+    python: str = msgspec.field(default_factory=lambda: os.path.realpath(sys.executable))
+    """The interpreter that runs the code (its standard library only)."""
+    bwrap: str = ""
+    """bubblewrap: the bwrap executable."""
+    uid: int | None = None
+    """kernel: the uid the child runs as (SANDBOX_UID when the batch runs as root); None: the batch's own."""
+    net_flags: int = 0
+    """kernel: the unshare(2) flags that give the child an empty network namespace (0: none)."""
+    problem: str = ""
+    """kernel: why bubblewrap is not used."""
+    unusable: str = ""
+    """kernel: why this sandbox cannot run either ("" when it can)."""
+
+    def describe(self) -> str:
+        """What holds, in a line for logs."""
+        if self.kind == "bubblewrap":
+            return f"bubblewrap ({self.bwrap}): uid {SANDBOX_UID}, own user/mount/PID/network namespaces"
+        who = f"uid {self.uid}" if self.uid is not None else "the batch's own uid"
+        network = "an empty network namespace" if self.net_flags else "the host's network (the audit hook refuses it)"
+        return f"the weaker sandbox (no bubblewrap: {self.problem}): {who}, {network}"
+
+
+def _bwrap_command(box: Sandbox, code_fd: int, settings: ToolSettings) -> list[str]:
+    command = [
+        box.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+        "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
+        "--ro-bind", "/usr", "/usr",
+    ]  # fmt: skip
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):  # merged-/usr links, or directories
+        if os.path.islink(top):
+            command += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            command += ["--ro-bind", top, top]
+    # The interpreter's prefix (its stdlib, its libpython) when it lives outside /usr, as a pyenv or conda one does.
+    prefix = os.path.dirname(os.path.dirname(box.python))
+    if prefix != "/usr" and not prefix.startswith("/usr/"):
+        command += ["--ro-bind", prefix, prefix]
+    command += [
+        "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--dev", "/dev", "--proc", "/proc",
+        "--size", str(MAX_WORK_BYTES), "--tmpfs", WORKDIR, "--file", str(code_fd), f"{WORKDIR}/main.py",
+        "--chdir", WORKDIR, "--clearenv", "--",
+    ]  # fmt: skip
+    return command + _python_command(box.python, WORKDIR, settings, parent=0, net_flags=0)
+
+
+def _python_command(python: str, workdir: str, settings: ToolSettings, *, parent: int, net_flags: int) -> list[str]:
     cpu_s = math.ceil(settings.python_cpu_s)
-    numbers = [os.getpid(), cpu_s, settings.python_memory_mb << 20, MAX_FILE_BYTES, MAX_OPEN_FILES, net_flags]
+    numbers = [cpu_s, settings.python_memory_mb << 20, MAX_FILE_BYTES, MAX_OPEN_FILES, parent, net_flags]
     # -I: no user site, no PYTHON* variables, no script dir on sys.path; -S: no site-packages;
     # -B: no .pyc writes; -u: unbuffered, so prints and tracebacks interleave as they happen.
-    return [sys.executable, "-I", "-S", "-B", "-u", "-c", _BOOTSTRAP, workdir, *map(str, numbers)]
+    return [python, "-I", "-S", "-B", "-u", "-c", _BOOTSTRAP, workdir, *map(str, numbers)]
 
 
 def _remove_tree(path: str) -> None:
@@ -225,9 +300,10 @@ def _collect(proc: subprocess.Popen[bytes], end: float, keep_bytes: int) -> tupl
                 killed = True
     finally:
         # Still running: past its time, or reading failed. poll() first, so that a group id
-        # that may already be reused is never signalled.
+        # that may already be reused is never signalled. Under bubblewrap the group is bwrap's:
+        # its death takes the PID namespace, and every process in it, down.
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own group: kill all of it
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
     return bytes(kept), total, killed
@@ -245,54 +321,124 @@ def _status(returncode: int, killed: bool, by_deadline: bool, settings: ToolSett
     return f"[exit status {returncode}]" if returncode else ""
 
 
-def run_python(
-    code: str, settings: ToolSettings, deadline: float | None = None, net_flags: int | None = None
-) -> str:
-    """Run `code` in the sandbox; return its output, a truncation marker, and a status line.
+def _start(box: Sandbox, code: str, settings: ToolSettings, workdir: str | None) -> subprocess.Popen[bytes]:
+    """The child, running `code`: under bwrap (the code handed over on a descriptor), or in `workdir`."""
+    pipes: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if box.kind == "bubblewrap":
+        code_fd = os.memfd_create("main.py")
+        try:
+            os.write(code_fd, code.encode("utf-8"))
+            os.lseek(code_fd, 0, os.SEEK_SET)
+            command = _bwrap_command(box, code_fd, settings)
+            return subprocess.Popen(command, env={}, pass_fds=(code_fd,), start_new_session=True, **pipes)
+        finally:
+            os.close(code_fd)
+    assert workdir is not None
+    with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as file:
+        file.write(code)
+    command = _python_command(box.python, workdir, settings, parent=os.getpid(), net_flags=box.net_flags)
+    user: dict[str, Any] = {}
+    if box.uid is not None:
+        for path in (workdir, os.path.join(workdir, "main.py")):
+            os.chown(path, box.uid, box.uid)
+        user = dict(user=box.uid, group=box.uid, extra_groups=[])
+    return subprocess.Popen(command, cwd=workdir, env={}, start_new_session=True, **pipes, **user)
 
-    The run ends at settings.python_wall_s or at `deadline` (time.monotonic()), whichever
-    comes first. `net_flags` overrides the probed network-namespace flags (0: none).
-    """
-    net_flags = network_isolation() if net_flags is None else net_flags
+
+def _run(box: Sandbox, code: str, settings: ToolSettings, deadline: float | None) -> str:
     wall_end = time.monotonic() + settings.python_wall_s
     end = wall_end if deadline is None else min(wall_end, deadline)
     by_deadline = end < wall_end
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="k2batch-python-"))
+    workdir = None if box.kind == "bubblewrap" else os.path.realpath(tempfile.mkdtemp(prefix="k2batch-python-"))
     try:
-        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as file:
-            file.write(code)
-        proc = subprocess.Popen(
-            _command(workdir, settings, net_flags),
-            cwd=workdir,
-            env={},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = _start(box, code, settings, workdir)
         # Four bytes per character is the most UTF-8 needs, so the cap in characters fits.
         kept, total, killed = _collect(proc, end, 4 * settings.python_output_chars)
     finally:
-        _remove_tree(workdir)
+        if workdir is not None:
+            _remove_tree(workdir)
     text = kept.decode("utf-8", errors="replace")
     cap = settings.python_output_chars
     parts = [text[:cap]]
     if len(text) > cap or total > len(kept):
         parts.append(f"[output truncated: showing the first {cap:,} characters of {total:,} bytes]")
-    parts.append(_status(proc.returncode, killed, by_deadline, settings))
+    returncode = proc.returncode
+    if box.kind == "bubblewrap" and returncode > 128:
+        # bwrap exits with 128 + N when the code died of signal N (a program exiting with such a status reads the same).
+        returncode = -(returncode - 128)
+    parts.append(_status(returncode, killed, by_deadline, settings))
     result = "\n".join(part.rstrip("\n") for part in parts if part)
     return result or "(no output)"
 
 
+def _problem(box: Sandbox) -> str | None:
+    """Why `box` cannot run a program here, or None when it can."""
+    try:
+        output = _run(box, "print(6 * 7)", ToolSettings(), None)
+    except OSError as error:  # the interpreter cannot be started as that user, say
+        return f"{type(error).__name__}: {error}"
+    return None if output == "42" else output.replace("\n", " ")
+
+
+def bubblewrap(bwrap: str = "bwrap") -> Sandbox | str:
+    """The bubblewrap sandbox, or why it cannot run here."""
+    found = shutil.which(bwrap)
+    if found is None:
+        return f"{bwrap} is not installed (Debian: apt-get install bubblewrap; `make install` does it)"
+    box = Sandbox(kind="bubblewrap", bwrap=found)
+    problem = _problem(box)
+    return box if problem is None else f"{found} fails here: {problem}"
+
+
+def weaker_sandbox(problem: str, python: str | None = None) -> Sandbox:
+    """What the kernel gives without bubblewrap: uid 65534 when run by root, a network namespace where allowed.
+    `unusable` says why, if even this cannot run here."""
+    uid = SANDBOX_UID if os.geteuid() == 0 else None
+    box = Sandbox(kind="kernel", uid=uid, net_flags=_CLONE_NEWUSER | _CLONE_NEWNET, problem=problem)
+    if python is not None:
+        box = msgspec.structs.replace(box, python=python)
+    if _problem(box) is None:
+        return box
+    box = msgspec.structs.replace(box, net_flags=0)
+    unusable = _problem(box)
+    if unusable is not None and uid is not None:
+        unusable = f"{box.python} cannot run as uid {uid} ({unusable}); it must be readable by every user"
+    return msgspec.structs.replace(box, unusable=unusable or "")
+
+
 @functools.cache
-def network_isolation() -> int:
-    """The unshare(2) flags that give the child an empty network namespace here, or 0 if none do."""
-    flags = _CLONE_NEWNET if os.geteuid() == 0 else _CLONE_NEWUSER | _CLONE_NEWNET
-    output = run_python("", ToolSettings(), net_flags=flags)
-    if output == "(no output)":
-        return flags
-    log.warning("python tool: no network namespace here (%s); only the audit hook refuses sockets", output)
-    return 0
+def sandbox() -> Sandbox:
+    """The sandbox of this machine: bubblewrap where it runs, else the weaker one (probed once per process)."""
+    found = bubblewrap()
+    box = found if isinstance(found, Sandbox) else weaker_sandbox(found)
+    log.info("python tool: %s", box.describe())
+    return box
+
+
+def require_sandbox(settings: ToolSettings) -> Sandbox:
+    """The sandbox the python tool runs in; SandboxUnavailable when only the weaker one is here and the settings
+    do not accept it, or when none can run."""
+    box = sandbox()
+    if box.kind == "bubblewrap":
+        return box
+    if not settings.python_allow_weaker_sandbox:
+        raise SandboxUnavailable(
+            f"the python tool needs bubblewrap to isolate model-written code, and {box.problem}. Install it, or "
+            "accept the weaker sandbox (README, section Sandbox) with tools.python.allow_weaker_sandbox = true "
+            "in the batch config"
+        )
+    if box.unusable:
+        raise SandboxUnavailable(f"the python tool cannot run here: {box.problem}, and without it {box.unusable}")
+    log.warning("python tool: %s", box.describe())
+    return box
+
+
+def run_python(code: str, settings: ToolSettings, deadline: float | None = None, box: Sandbox | None = None) -> str:
+    """Run `code` in the sandbox; return its output, a truncation marker, and a status line.
+
+    The run ends at settings.python_wall_s or at `deadline` (time.monotonic()), whichever comes first.
+    `box` overrides this machine's sandbox (tests run both); without it, require_sandbox decides."""
+    return _run(box or require_sandbox(settings), code, settings, deadline)
 
 
 @TOOLS.tool(
