@@ -216,7 +216,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> BatchConfig:
 
 
 def config_hash(config: BatchConfig) -> str:
-    """A short stable hash of everything that shapes the results; storage options (where data lives) are left out."""
+    """A short stable hash of everything that shapes the results. Left out: storage options (where data lives) and
+    how many ranks run the engine and their timeouts (ranks give the same results, so a resume may change them)."""
     shaping = msgspec.to_builtins(config)
     del shaping["storage"]
+    for name in ("data_parallel_size", "rank_timeout_s", "rank_start_timeout_s"):
+        del shaping["engine"][name]
     return hashlib.sha256(msgspec.json.encode(shaping, order="sorted")).hexdigest()[:16]

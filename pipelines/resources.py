@@ -84,7 +84,7 @@ class EngineResource(dg.ConfigurableResource):
         """The engine for `model` with `config`, built on first use in this process."""
         key = msgspec.json.encode((model, config, storage_options))
         if key not in self._engines:
-            self._engines.clear()  # one model in memory at a time
+            self.discard()  # one model in memory at a time
             if self.torch_threads:
                 import torch
 
@@ -97,4 +97,6 @@ class EngineResource(dg.ConfigurableResource):
 
     def discard(self) -> None:
         """Drop the loaded engine: after a failure mid-shard its state is unknown, so a retry loads afresh."""
+        for engine in self._engines.values():
+            engine.close()
         self._engines.clear()

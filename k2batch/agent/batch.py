@@ -207,10 +207,15 @@ def run_batch(
     log.info("%d shards, %d complete, %d to run", len(plan.shards), len(done), len(todo))
     started = time.perf_counter()
     if todo:
+        own = engine is None  # an engine built here is stopped here (its rank processes, if it has any)
         engine = engine or Engine.from_pretrained(config.model, config.engine, config.storage.options)
-        for shard in todo:
-            manifest = run_shard(engine, shard, output_uri, config)
-            log.info("shard %d: %s", shard.index, manifest.rows_by_status)
+        try:
+            for shard in todo:
+                manifest = run_shard(engine, shard, output_uri, config)
+                log.info("shard %d: %s", shard.index, manifest.rows_by_status)
+        finally:
+            if own:
+                engine.close()
     summary = {
         **summarize(output_uri, options),
         "shards": len(plan.shards),
