@@ -381,6 +381,42 @@ def test_a_batch_with_the_python_tool_refuses_to_start_without_bubblewrap(
     assert batch.run_batch(str(inputs), output, config, engine=engine)["rows_by_status"] == {"ok": 1}
 
 
+def test_a_batch_keeps_the_runners_secret_out_of_its_traces(
+    bwrap: Sandbox, k2_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The red team's path: a model-written call reads the runner's environment around the hook; the result
+    # would land in the trace. Here the first step of every episode is that call.
+    import polars as pl
+
+    from tests.agent.conftest import engine_for, script_steps
+    from tests.agent.test_batch import config_for
+    from tests.agent.test_episode import ANSWER
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
+    code = HOOK_BYPASS + f"for p in ('{os.getpid()}', 'self', '1', '2'):\n    try:\n"
+    code += "        print(p, open(f'/proc/{p}/environ').read())\n    except OSError as error:\n"
+    code += "        print(p, error.strerror)"
+    arguments = json.dumps({"code": code})
+    call = (
+        "<think>read it</think><|tool_calls_section_begin|><|tool_call_begin|>functions.python:0"
+        f"<|tool_call_argument_begin|>{arguments}<|tool_call_end|><|tool_calls_section_end|><|im_end|>"
+    )
+    engine = engine_for(k2_checkpoint)
+    script_steps(engine, {":0": engine.tokenizer.encode_chat(call), ":1": engine.tokenizer.encode_chat(ANSWER)})
+    config = config_for(k2_checkpoint, max_new_tokens=600)
+    agent = msgspec.structs.replace(config.agent, max_new_tokens_per_episode=800)
+    config = msgspec.structs.replace(config, agent=agent)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pq.write_table(pa.table({"job_id": ["a"], "prompt": ["2+3?"], "tools": [["python"]]}), inputs / "jobs.parquet")
+    batch.run_batch(str(inputs), str(tmp_path / "out"), config, engine=engine)
+    traces = pl.read_parquet(f"{tmp_path}/out/traces/**/*.parquet")
+    (result,) = traces.filter(pl.col("tool_name") == "python")["tool_result"].to_list()
+    assert result.startswith(f"{os.getpid()} No such file or directory\nself PWD=/sandbox")
+    results = pl.read_parquet(f"{tmp_path}/out/results/**/*.parquet")
+    assert CANARY not in str(traces.to_dicts()) + str(results.to_dicts())
+
+
 def test_registry_timeout_kills_the_subprocess(bwrap: Sandbox) -> None:
     ctx = ToolContext.for_job("job-1", "draft", SETTINGS)
     before = set(live_children())

@@ -9,6 +9,7 @@ import pytest
 
 from k2batch.agent.tools import TOOLS, ToolContext, ToolResult, ToolSettings
 from k2batch.agent.tools import read_object as read_object_module
+from tests.s3_server import s3_bucket, s3_endpoint, s3_options  # noqa: F401 (fixtures)
 
 
 @pytest.fixture()
@@ -116,3 +117,34 @@ def test_an_episode_sees_one_version_of_an_object(tree: Path) -> None:
     assert first.content == again.content == "# Report\nrevenue grew ✓"
     fresh = ToolContext.for_job("job-2", "synthesis", settings)
     assert TOOLS.call("read_object", json.dumps({"uri": str(path)}), fresh, 10.0, 1000).content == "changed"
+
+
+def test_traversal_on_s3_is_refused_and_the_prefix_reads(s3_bucket: str, s3_options: dict) -> None:  # noqa: F811
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.pipe(f"{s3_bucket}/allowed/doc.md", b"the report")
+    fs.pipe(f"{s3_bucket}/secret/key.txt", b"TOP-SECRET")
+    fs.pipe(f"{s3_bucket}/allowed-not/x.md", b"TOP-SECRET")
+    bucket = s3_bucket.removeprefix("s3://")
+    settings = ToolSettings(read_object_prefixes=(f"{s3_bucket}/allowed/",))
+    ctx = ToolContext.for_job("job-1", "synthesis", settings, s3_options)
+
+    def read_s3(uri: str) -> ToolResult:
+        return TOOLS.call("read_object", json.dumps({"uri": uri}), ctx, 10.0, 10_000)
+
+    assert read_s3(f"{s3_bucket}/allowed/doc.md").content == "the report"
+    assert read_s3(f"S3://{bucket}/allowed/doc.md").content == "the report"  # the scheme's case does not matter
+    for uri in (
+        f"{s3_bucket}/allowed/../secret/key.txt",
+        f"{s3_bucket}/allowed/%2E%2E/secret/key.txt",
+        f"{s3_bucket}/allowed/./../secret/key.txt",
+        f"{s3_bucket}/secret/key.txt",
+        f"{s3_bucket}/allowed-not/x.md",
+        f"s3://{bucket}-other/allowed/doc.md",
+        f"s3://{bucket}/allowed/doc.md?versionId=1",
+        f"s3a://{bucket}/secret/key.txt",
+    ):
+        result = read_s3(uri)
+        assert result.error_type == "tool_error" and "PermissionError" in result.content, uri
+        assert "TOP-SECRET" not in result.content
