@@ -224,5 +224,11 @@ def run_batch(
         "run_s": time.perf_counter() - started,
         "engine": msgspec.to_builtins(engine.stats) if engine is not None else None,
     }
+    if engine is not None and engine.placement is not None:
+        # Per rank: requests placed there (the spread over the batch), tokens, cache hits, preemptions.
+        summary["ranks"] = [
+            {"requests": placed, **msgspec.to_builtins(stats)}
+            for placed, stats in zip(engine.placement.placed, engine.rank_stats)
+        ]
     write_json_atomic(summary_uri(output_uri), summary, options)
     return summary

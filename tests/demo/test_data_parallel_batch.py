@@ -56,5 +56,9 @@ def test_two_ranks_run_a_batch_as_one_does(tmp_path):
     assert two_traces.filter(chats)["output_token_ids"].to_list() == one_traces.filter(chats)["output_token_ids"].to_list()
     tools = pl.col("operation") == "execute_tool"
     assert two_traces.filter(tools)["tool_result"].to_list() == one_traces.filter(tools)["tool_result"].to_list()
+    # Both ranks ran episodes (every step of an episode is a request on its session's rank).
+    ranks = json.loads((tmp_path / "out2" / "summary.json").read_text())["ranks"]
+    assert len(ranks) == 2 and all(r["requests"] > 0 and r["decode_tokens"] > 0 for r in ranks)
+    assert sum(r["requests"] for r in ranks) == one_traces.filter(chats).height
     # The same configuration but for the ranks: the results are interchangeable, so a resume may change ranks.
     assert two["config_hash"].unique().to_list() == one["config_hash"].unique().to_list()
