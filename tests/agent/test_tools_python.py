@@ -188,13 +188,14 @@ def test_infinite_loop_is_killed_at_the_cpu_limit(box: Sandbox) -> None:
 
 
 def test_sleeping_code_is_killed_at_the_wall_limit(box: Sandbox) -> None:
+    before = set(live_children())  # the chat template's worker, say
     start = time.monotonic()
     assert run("import time\nprint('start')\ntime.sleep(60)", box, python_wall_s=0.5) == (
         "start\n[killed: wall time limit of 0.5 s exceeded]"
     )
     assert time.monotonic() - start < 3.0
     time.sleep(0.2)
-    assert live_children() == []
+    assert set(live_children()) <= before
 
 
 def test_output_flood_is_truncated(box: Sandbox) -> None:
