@@ -180,6 +180,7 @@ class TemplateWorker:
                 [sys.executable, "-I", "-S", "-c", _MAIN, str(os.getpid()), memory, *paths],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                env={name: os.environ[name] for name in ("TZ",) if name in os.environ},  # strftime_now's zone only
                 start_new_session=True,  # a Ctrl-C in the terminal is for the batch, which stops the worker
             )
             self._owner = os.getpid()
