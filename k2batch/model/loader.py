@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
@@ -136,9 +137,12 @@ class _RemoteTensors:
     """Tensors of safetensors files behind fsspec, each built from its byte range as it is asked for: nothing is
     copied to local disk, and memory holds one tensor (plus a few small-read windows) beyond the model."""
 
-    def __init__(self, fs: AbstractFileSystem, root: str):
+    def __init__(self, fs: AbstractFileSystem, root: str, skipped: dict[str, list[int]] | None = None):
+        """`skipped`: per file, the sorted start offsets of byte ranges the load never needs (another rank's
+        experts); a window stops short of them, so a rank reads little beyond its own share."""
         self.fs, self.root = fs, root
         self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._skipped = skipped or {}
         self.bytes_read = 0
 
     def get(self, key: str, info: TensorInfo, rows: range | None = None) -> torch.Tensor:
@@ -165,7 +169,10 @@ class _RemoteTensors:
             if w_file == file and w_start <= start and end <= w_start + len(window):
                 self._windows.move_to_end((w_file, w_start))
                 return memoryview(window)[start - w_start : end - w_start]
-        window = self.fs.cat_file(path, start=start, end=start + _WINDOW)
+        stops = self._skipped.get(file, [])
+        i = bisect.bisect_left(stops, end)
+        window_end = min(start + _WINDOW, stops[i]) if i < len(stops) else start + _WINDOW
+        window = self.fs.cat_file(path, start=start, end=max(end, window_end))
         self.bytes_read += len(window)
         self._windows[(file, start)] = window
         if len(self._windows) > _WINDOWS:
@@ -212,14 +219,34 @@ def load_model(
         for p in model.parameters():  # buffers keep their own dtypes (fp32 router bias, INT4 words/scales)
             p.data = p.data.to(dtype)
     model.to_empty(device=device)
-    reader = _LocalTensors(root) if _is_local(fs) else _RemoteTensors(fs, root)
+    share = experts or range(config.n_routed_experts)
+    reader = _LocalTensors(root) if _is_local(fs) else _RemoteTensors(fs, root, _skipped(tensors, config, share))
     try:
-        _fill(model, config, _Filler(model, reader, tensors, config), experts or range(config.n_routed_experts))
+        _fill(model, config, _Filler(model, reader, tensors, config), share)
     finally:
         reader.close()
     model.eval().requires_grad_(False)
     model.checkpoint_bytes_read = reader.bytes_read
     return model
+
+
+def _skipped(tensors: dict[str, TensorInfo], config: ModelConfig, experts: range) -> dict[str, list[int]]:
+    """Per file, the sorted starts of the byte ranges a load of `experts` never reads: other experts' tensors (with
+    their companions) and the other rows of stacked expert tensors."""
+    starts: dict[str, list[int]] = {}
+    for key, info in tensors.items():
+        name = _strip(key)
+        expert = _EXPERT.search(name.rpartition(".")[0])
+        fused = _FUSED_EXPERTS.search(name.removesuffix("_scale_inv"))
+        if expert and int(expert.group(2)) not in experts:
+            starts.setdefault(info.file, []).append(info.start)
+        elif fused and len(experts) < config.n_routed_experts and info.shape:
+            # Rows before the share start where the tensor does; the rows after it, where the share ends.
+            if experts.start > 0:
+                starts.setdefault(info.file, []).append(info.start)
+            if experts.stop < info.shape[0]:
+                starts.setdefault(info.file, []).append(_rows(info, range(experts.stop, info.shape[0])).start)
+    return {file: sorted(s) for file, s in starts.items()}
 
 
 def _int4_expert_scale_dtype(tensors: dict[str, TensorInfo], config: ModelConfig) -> torch.dtype | None:

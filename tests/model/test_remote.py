@@ -1,5 +1,6 @@
 """Checkpoints behind fsspec URIs stream tensor by tensor from byte ranges: no local copy, bounded reads."""
 
+import re
 from pathlib import Path
 
 import fsspec
@@ -71,3 +72,54 @@ def test_s3_checkpoint_matches_local(tmp_path, s3_bucket, s3_options):  # noqa: 
     model = load_model(uri, storage_options=s3_options)
     assert model.layers[1].mlp.experts.quantized
     assert torch.equal(model.score(_ids()), load_model(local).score(_ids()))
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8_fused", "bf16_sharded"])
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_one_ranks_experts_read_alone(tmp_path, monkeypatch, kind, where):
+    """A rank's share of the routed experts (3-5 of 8) loads to exactly the full model's experts, and storage gives
+    it the shared weights and its own experts only: per-expert tensors of others are never read, stacked ones in
+    part, and no read window reaches into another expert's bytes."""
+    local = _checkpoint(tmp_path, kind)
+    path, reads = str(local), []
+    if where == "memory":
+        fs = fsspec.filesystem("memory")
+        path = f"memory:///share-{kind}"
+        for f in local.iterdir():
+            fs.pipe(f"/share-{kind}/{f.name}", f.read_bytes())
+        monkeypatch.setattr(loader_module, "_WINDOW", 4096)  # windows smaller than the files, as on a real K2
+        cat_file = MemoryFileSystem.cat_file
+
+        def recording_cat_file(self, p, start=None, end=None, **kwargs):
+            data = cat_file(self, p, start=start, end=end, **kwargs)
+            if str(p).endswith(".safetensors") and start and start > 8:
+                reads.append((str(p).rsplit("/", 1)[-1], start, start + len(data)))
+            return data
+
+        monkeypatch.setattr(MemoryFileSystem, "cat_file", recording_cat_file)
+    full = load_model(local)
+    share = load_model(path, experts=range(3, 6))
+    for layer, whole in zip(share.layers[1:], full.layers[1:]):
+        assert layer.mlp.expert_range == range(3, 6)
+        for name, t in layer.mlp.experts.state_dict().items():
+            assert torch.equal(t, whole.mlp.experts.state_dict()[name][3:6]), name
+    tensors = scan_tensors(fsspec.filesystem("file"), str(local))
+    total = sum(t.end - t.start for t in tensors.values())
+    expert_bytes = sum(t.end - t.start for k, t in tensors.items() if ".mlp.experts." in k)
+    own = total - expert_bytes + expert_bytes * 3 // 8
+    if where == "local":  # exact: every tensor, or its rows, is read alone
+        assert full.checkpoint_bytes_read == total and share.checkpoint_bytes_read == own
+    else:
+        others = []
+        for key, t in tensors.items():
+            m = re.search(r"\.experts\.(\d+)\.", key)
+            if m and int(m.group(1)) not in range(3, 6):
+                others.append((t.file, t.start, t.end))
+            elif m is None and ".mlp.experts." in key:  # stacked: the rows of experts 0-2 and 6-7
+                row = (t.end - t.start) // t.shape[0]
+                others += [(t.file, t.start, t.start + 3 * row), (t.file, t.start + 6 * row, t.end)]
+        for file, start, end in reads:
+            assert not any(f == file and start < e and s < end for f, s, e in others), (file, start, end)
+        assert own <= share.checkpoint_bytes_read < 1.5 * own
+    with pytest.raises(ValueError, match="not a range within the model's 8 experts"):
+        load_model(local, experts=range(6, 9))
