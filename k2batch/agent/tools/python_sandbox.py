@@ -238,10 +238,14 @@ def _bwrap_command(box: Sandbox, code_fd: int, settings: ToolSettings) -> list[s
             command += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             command += ["--ro-bind", top, top]
-    # The interpreter's prefix (its stdlib, its libpython) when it lives outside /usr, as a pyenv or conda one does.
-    prefix = os.path.dirname(os.path.dirname(box.python))
-    if prefix != "/usr" and not prefix.startswith("/usr/"):
-        command += ["--ro-bind", prefix, prefix]
+    # The interpreter's prefix (its stdlib, its libpython) when it lives outside /usr, as a pyenv or conda one does;
+    # this process's base prefix too, for a venv whose interpreter is a copy.
+    prefixes = {os.path.dirname(os.path.dirname(box.python))}
+    if box.python == os.path.realpath(sys.executable):
+        prefixes.add(os.path.realpath(sys.base_prefix))
+    for prefix in sorted(prefixes):
+        if prefix != "/usr" and not prefix.startswith("/usr/"):
+            command += ["--ro-bind", prefix, prefix]
     command += [
         "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--dev", "/dev", "--proc", "/proc",
         "--size", str(MAX_WORK_BYTES), "--tmpfs", WORKDIR, "--file", str(code_fd), f"{WORKDIR}/main.py",
