@@ -75,6 +75,16 @@ def test_whole_graph_writes_results_traces_and_summary(materialized):
     assert summary["engine"]["decode_tokens"] > 0 and summary["engine"]["prefill_tokens"] > 0  # both shards' work
 
 
+def test_step_outputs_are_json_in_dagsters_storage_and_nothing_of_dagsters_is_under_the_root(materialized):
+    root, _, instance = materialized
+    storage = Path(instance.storage_directory())
+    assert json.loads((storage / "assets" / "shard_plan" / "b1.json").read_text())["type"] == "BatchPlan"
+    shard_results = json.loads((storage / "assets" / "shard_results" / "b1.json").read_text())
+    assert shard_results["type"] == "list[ShardOutcome]" and len(shard_results["value"]) == 2
+    assert not list(storage.rglob("*.pickle"))
+    assert sorted(path.name for path in root.iterdir()) == ["inputs", "outputs"]
+
+
 def test_shard_plan_lists_invalid_rows_instead_of_failing(materialized):
     _, result, _ = materialized
     plan = metadata(result, "shard_plan")

@@ -17,7 +17,6 @@ from pipelines.assets import BatchPlan, ShardOutcome, ShardTask
 from pipelines.resources import StorageResource
 from pipelines.step_outputs import StepOutputsIOManager
 from tests.pipelines.conftest import write_jobs
-from tests.pipelines.test_assets import materialize
 
 
 class RunsCode:
@@ -94,17 +93,3 @@ def test_step_outputs_never_lie_under_the_data_root(tmp_path: Path) -> None:
             with pytest.raises(dg.Failure, match="inside the storage root"):
                 manager_for(tmp_path / "root", instance, root=str(inside))
         manager_for(tmp_path / "root", instance, root=str(tmp_path / "steps"))
-
-
-def test_a_materialized_batch_leaves_nothing_of_dagsters_under_the_root(batch_model, tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    write_jobs(root / "inputs" / "b1" / "part-0.parquet")
-    with dg.instance_for_test() as instance:
-        assert materialize(root, batch_model, instance).success
-        storage = Path(instance.storage_directory())
-        assert json.loads((storage / "assets" / "shard_plan" / "b1.json").read_text())["type"] == "BatchPlan"
-        assert json.loads((storage / "assets" / "shard_results" / "b1.json").read_text())["type"] == (
-            "list[ShardOutcome]"
-        )
-        assert not list(storage.rglob("*.pickle"))
-    assert sorted(path.name for path in root.iterdir()) == ["inputs", "outputs"]
