@@ -50,4 +50,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
+    """Tokens generated before a stop may end the request: until then its stop tokens and end-of-sequence are never
+    sampled and stop strings do not count."""
     logprobs: bool = False

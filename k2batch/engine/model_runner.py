@@ -118,6 +118,8 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         logits = self.compute_logits(plan)
         device = logits.device
+        if len(plan.banned_rows):
+            logits[plan.banned_rows.to(device), plan.banned_ids.to(device)] = float("-inf")
         tokens, logprobs = sample(
             logits, plan.temperature.to(device), plan.top_k.to(device), plan.top_p.to(device),
             plan.seeds.to(device), plan.sample_index.to(device), plan.want_logprobs,

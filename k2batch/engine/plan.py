@@ -51,6 +51,10 @@ class StepPlan:
     sample_index: torch.Tensor
     """[S] int64: the position in its request's output of the token sampled; with the seed it fixes the draw, so a
     seeded request gets the same tokens whatever else is in the batch."""
+    banned_rows: torch.Tensor
+    """[B] int64 with banned_ids [B] int64: (sample row index, token) pairs that must not be sampled (the stop
+    tokens of a request still under its min_tokens)."""
+    banned_ids: torch.Tensor
     want_logprobs: bool
     num_prefill_tokens: int
     """Query tokens that are not a just-sampled token running back through the model."""

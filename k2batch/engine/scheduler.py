@@ -142,6 +142,8 @@ class Scheduler:
         num_decode = next((r for r, (_, q_len) in enumerate(rows) if q_len != 1), len(rows))
         ids: list[int] = []
         starts, q_lens, slots, sampled, sample_index = [], [], [], [], []
+        banned_rows: list[int] = []
+        banned_ids: list[int] = []
         sync_rows: list[int] = []
         sync_cols: list[int] = []
         sync_blocks: list[int] = []
@@ -170,6 +172,9 @@ class Scheduler:
                 for k in range(start % bs):
                     copies[dst + k] = copies.get(src + k, src + k)
             if start + q_len == len(seq):
+                if len(seq.output_ids) < seq.params.min_tokens:
+                    banned_rows.extend([len(sampled)] * len(seq.stop_ids))
+                    banned_ids.extend(seq.stop_ids)
                 sampled.append(r)
                 sample_index.append(len(seq.output_ids))
                 if q_len == 1 and seq.output_ids:
@@ -211,6 +216,8 @@ class Scheduler:
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
             seeds=torch.tensor([seq.seed for seq in sampled_seqs], dtype=torch.int64),
             sample_index=torch.tensor(sample_index, dtype=torch.int64),
+            banned_rows=torch.tensor(banned_rows, dtype=torch.int64),
+            banned_ids=torch.tensor(banned_ids, dtype=torch.int64),
             want_logprobs=any(p.logprobs for p in params),
             num_prefill_tokens=len(ids) - num_decode_tokens,
             num_decode_tokens=num_decode_tokens,
@@ -239,7 +246,7 @@ class Scheduler:
             seq.output_ids.append(token)
             if logprobs is not None and seq.params.logprobs:
                 seq.logprobs.append(logprobs[k])
-            if token in seq.stop_ids or self._stop_string(seq):
+            if len(seq.output_ids) > seq.params.min_tokens and (token in seq.stop_ids or self._stop_string(seq)):
                 reason = "stop"
             elif len(seq.output_ids) >= seq.max_output:
                 reason = "length"

@@ -297,3 +297,17 @@ def _assert_all_blocks_returned(engine):
     kv = engine.kv
     assert not kv.sessions
     assert not any(kv.ref_count) and kv.num_allocatable == kv.num_blocks
+
+
+def test_min_tokens_holds_off_stops(model):
+    """Until min_tokens are out, stop tokens and end-of-sequence are never drawn (the next best is); after that a
+    stop ends the request as usual."""
+    engine = Engine(model, EngineConfig())
+    free = engine.generate([[3, 4, 5]], GREEDY)[0].token_ids
+    stop = (free[0], free[4])
+    held = engine.generate([[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=stop, min_tokens=3))[0]
+    assert len(held.token_ids) >= 3 and not set(held.token_ids[:3]) & set(stop)
+    assert held.token_ids[0] != free[0]  # the greedy first token was a stop token: the next best came instead
+    sampled = SamplingParams(temperature=1.0, seed=5, max_new_tokens=6, stop_token_ids=tuple(range(256)), min_tokens=4)
+    out = engine.generate([[3, 4, 5]], sampled)[0]  # every token stops: the 5th ends it
+    assert len(out.token_ids) == 5 and out.finish_reason == "stop"
