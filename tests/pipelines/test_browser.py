@@ -29,7 +29,7 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make install installs it)"),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make install-test installs it)"),
 ]
 
 
@@ -119,17 +119,18 @@ def test_materialize_a_batch_from_the_ui(webserver, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            # A first-visit dialog may open over the page at any moment: whenever its Skip button shows before
+            # an action, Playwright clicks it first.
+            skip = page.get_by_role("button", name="Skip")
+            page.add_locator_handler(skip, lambda: skip.click())
             page.goto(f"{url}/locations/pipelines.definitions/jobs/batch_job")
-            materialize = page.get_by_role("button", name="Materialize all…")
-            materialize.wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)  # a first-visit dialog may open over the page
-            if page.get_by_role("button", name="Skip").is_visible():
-                page.get_by_role("button", name="Skip").click()
-            materialize.click()
+            page.get_by_role("button", name="Materialize all…").click(timeout=60_000)
             page.get_by_text("Select a partition or create one").click()
             page.get_by_role("menuitem", name="ui-batch").click()
             page.keyboard.press("Escape")
-            page.get_by_role("button", name="Launch 1 run").click()
+            launch = page.get_by_role("button", name="Launch 1 run")
+            launch.click()
+            launch.wait_for(state="detached")  # the dialog closes once the run is submitted
             run_id = launched_run(home)
             page.goto(f"{url}/runs/{run_id}")
             page.get_by_text("RUN_SUCCESS").first.wait_for(timeout=180_000)
