@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -37,11 +38,13 @@ class ParsedAssistant(msgspec.Struct, frozen=True):
     finish: Literal["stop", "tool_calls"]
 
 
-def parse_assistant(text: str, tool_names: set[str] | None = None) -> ParsedAssistant:
+def parse_assistant(text: str, tool_names: set[str] | None = None, thinking: bool = False) -> ParsedAssistant:
     """Split the assistant output that follows the generation prompt; never raises.
 
-    Malformed output keeps whatever parsed and says in `errors` what is wrong. With `tool_names`, calls to
-    other functions are flagged as unknown.
+    Malformed output keeps whatever parsed and says in `errors` what is wrong. With `tool_names`, a call id that is
+    not of the `functions.NAME:N` form is resolved to the one declared tool it names, and calls to other functions
+    are flagged as unknown. `thinking`: the generation prompt itself opened `<think>` (the checkpoint's template
+    does so), so the output starts inside the reasoning whether or not it repeats the tag.
     """
     errors: list[str] = []
     end = text.find(MESSAGE_END)
@@ -49,7 +52,7 @@ def parse_assistant(text: str, tool_names: set[str] | None = None) -> ParsedAssi
         if text[end + len(MESSAGE_END) :].strip():
             errors.append(f"text after {MESSAGE_END} ignored: {_snippet(text[end + len(MESSAGE_END) :])}")
         text = text[:end]
-    reasoning, rest = _split_reasoning(text, errors)
+    reasoning, rest = _split_reasoning(text, errors, thinking)
     section = rest.find(SECTION_BEGIN)
     content = rest if section < 0 else rest[:section]
     if CALL_BEGIN in content:
@@ -71,11 +74,12 @@ def assistant_message(parsed: ParsedAssistant) -> dict[str, Any]:
     return message
 
 
-def _split_reasoning(text: str, errors: list[str]) -> tuple[str, str]:
+def _split_reasoning(text: str, errors: list[str], thinking: bool) -> tuple[str, str]:
     # The generation prompt may already hold <think>, so </think> ends reasoning even when the text has no opener.
     stripped = text.lstrip()
-    opened = stripped.startswith(THINK_BEGIN)
-    body = stripped[len(THINK_BEGIN) :] if opened else text
+    repeated = stripped.startswith(THINK_BEGIN)
+    opened = repeated or thinking
+    body = stripped[len(THINK_BEGIN) :] if repeated else text
     close, section = body.find(THINK_END), body.find(SECTION_BEGIN)
     if close >= 0 and (section < 0 or close < section):
         return body[:close], body[close + len(THINK_END) :]
@@ -117,6 +121,8 @@ def _parse_call(chunk: str, index: int, tool_names: set[str] | None, errors: lis
         return None
     call_id, arguments = body[:marker].strip(), body[marker + len(ARGUMENT_BEGIN) :]
     name = call_id.split(":")[0].split(".")[-1]
+    if tool_names is not None and name not in tool_names:
+        name = _declared_name(call_id, tool_names) or name
     if not name:
         problems.append(f"id {call_id!r} names no function")
     elif tool_names is not None and name not in tool_names:
@@ -128,6 +134,15 @@ def _parse_call(chunk: str, index: int, tool_names: set[str] | None, errors: lis
         problems.append(f"arguments are not valid JSON ({error}): {_snippet(arguments)}")
     errors.extend(f"tool call {index} {call_id!r}: {problem}" for problem in problems)
     return ToolCall(call_id, name, arguments, index, "; ".join(problems) or None)
+
+
+def _declared_name(call_id: str, tool_names: set[str]) -> str | None:
+    """The one declared tool an id of another form names ("search_0", "call-search", "tools/read_object#1"): a
+    tool name standing between non-alphanumeric characters, a name inside a longer matching one left out. None when
+    no tool or several fit."""
+    found = [t for t in tool_names if t and re.search(rf"(?<![A-Za-z0-9]){re.escape(t)}(?![A-Za-z0-9])", call_id)]
+    outermost = [t for t in found if not any(t != other and t in other for other in found)]
+    return outermost[0] if len(outermost) == 1 else None
 
 
 def _snippet(text: str, limit: int = 80) -> str:

@@ -29,6 +29,19 @@ def test_think_opened_by_the_generation_prompt():
     assert (parsed.reasoning, parsed.content, parsed.errors) == ("still thinking", "answer", [])
 
 
+def test_a_template_that_opens_think_makes_untagged_output_reasoning():
+    """With `thinking` (the generation prompt ends in <think>), output with neither tag is reasoning up to the
+    tool-call section, or all reasoning when cut off; without it the same text is content."""
+    calls = f"need the data{SECTION}{SEARCH}{END_SECTION}"
+    parsed = parse_assistant(calls, {"search"}, thinking=True)
+    assert (parsed.reasoning, parsed.content, parsed.errors, parsed.finish) == ("need the data", "", [], "tool_calls")
+    assert parse_assistant(calls, {"search"}).content == "need the data"
+    cut = parse_assistant("and then I will", thinking=True)
+    assert (cut.reasoning, cut.content) == ("and then I will", "") and "reasoning not closed" in cut.errors[0]
+    closed = parse_assistant("<think>x</think>answer", thinking=True)  # a repeated opener is fine
+    assert (closed.reasoning, closed.content, closed.errors) == ("x", "answer", [])
+
+
 def test_reasoning_runs_into_the_tool_section_without_think_end():
     parsed = parse_assistant(f"<think>need data{SECTION}{SEARCH}{END_SECTION}")
     assert (parsed.reasoning, parsed.content, parsed.errors, parsed.finish) == ("need data", "", [], "tool_calls")
@@ -137,6 +150,23 @@ def test_stray_tool_call_markup_in_an_answer_is_an_error():
 def test_function_name_from_call_id(call_id, name, error):
     [parsed] = parse_assistant(f"{SECTION}{call(call_id, '{}')}{END_SECTION}").tool_calls
     assert (parsed.name, parsed.error) == (name, error)
+
+
+@pytest.mark.parametrize(
+    ("call_id", "name", "error"),
+    [
+        ("search_0", "search", None),
+        ("call-read_object-1", "read_object", None),
+        ("tools/read_object#2", "read_object", None),  # "read" is declared too, but inside "read_object"
+        ("call_7", "call_7", "unknown tool 'call_7'; available: read, read_object, search"),
+        ("search_or_read:0", "search_or_read", "unknown tool 'search_or_read'; available: read, read_object, search"),
+        ("researcher:0", "researcher", "unknown tool 'researcher'; available: read, read_object, search"),
+    ],
+)
+def test_other_id_forms_resolve_to_the_one_declared_tool_they_name(call_id, name, error):
+    tools = {"search", "read", "read_object"}
+    [parsed] = parse_assistant(f"{SECTION}{call(call_id, '{}')}{END_SECTION}", tools).tool_calls
+    assert (parsed.id, parsed.name, parsed.error) == (call_id, name, error)
 
 
 def test_assistant_message_shape():
