@@ -10,7 +10,8 @@ import pytest
 
 from k2batch.tokenizer import assistant_message, load_tokenizer, parse_assistant, render_chat
 
-REAL_TEMPLATE = Path("/work/shared/fixtures/kimi-k2-thinking.chat_template.jinja")
+# Kimi-K2-Thinking's published template (fixtures/README.md: where it comes from, its license).
+REAL_TEMPLATE = Path(__file__).with_name("fixtures") / "kimi-k2-thinking.chat_template.jinja"
 
 TOOLS = [
     {"type": "function", "function": {"name": "search", "description": "Search the corpus.", "parameters": {
@@ -111,8 +112,6 @@ OTHER_CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def real_template() -> str:
-    if not REAL_TEMPLATE.is_file():
-        pytest.skip(f"{REAL_TEMPLATE} (Kimi-K2-Thinking's published chat template) is not on this machine")
     return REAL_TEMPLATE.read_text()
 
 
