@@ -3,10 +3,10 @@ state, in this process; checks that both sides give the same first loss, then pr
 their ratio.
 
 --compare prefix (the default): each batch's shared prompt prefix computed once, against every episode's whole
-prompt (`k2batch train-demo --no-share-prefix`); also prints the tokens each forward runs.
+prompt (`train_demo.py --no-share-prefix`); also prints the tokens each forward runs.
 --compare attention: the fused attention kernel the trainer uses, against the attention it replaced (logits
 materialized, masked and softmaxed, their max per head taken from them), both with the shared prefix.
---compare threads: one thread, against `--threads` threads with one thread's arithmetic (`train-demo
+--compare threads: one thread, against `--threads` threads with one thread's arithmetic (`train_demo.py
 --one-thread-arithmetic`, OneThreadArithmetic), and plain `--threads` threads for reference; checks that the first
 two end with the same parameters, bit for bit, and says whether the third does.
 
@@ -22,14 +22,19 @@ import argparse
 import copy
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from k2batch.demo import train
-from k2batch.demo.train import (
+# The training recipe lives beside the model it trains, as a script and its modules.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workspace" / "training"))
+
+import train_demo as train  # noqa: E402
+from one_thread_arithmetic import OneThreadArithmetic  # noqa: E402
+from train_demo import (  # noqa: E402
     ExpertLoad,
     VOCAB_SIZE,
     batches,
@@ -73,7 +78,7 @@ def step(side: str, threads: int, *args, **kwargs) -> dict:
     if side == "materialized":
         train.SharedPrefixAttention = MaterializedPrefixAttention
     torch.set_num_threads(1 if side == "one thread" else threads)
-    arithmetic = train.OneThreadArithmetic(threads) if side == "one-thread arithmetic" else None
+    arithmetic = OneThreadArithmetic(threads) if side == "one-thread arithmetic" else None
     try:
         return train_step(*args, share_prefix=side != "whole prompts", arithmetic=arithmetic, **kwargs)
     finally:

@@ -1,20 +1,23 @@
-"""Assets of a batch (one dynamic partition per batch): the validated shard plan, the shard results, the report.
+"""Assets of a batch (one dynamic partition per batch): the shard plan, the shard results, the report.
 
 shard_results is a graph: one `run_shard` step per shard (dynamic outputs), so a failed shard is retried
-alone by its RetryPolicy, a shard whose manifest is in place is skipped, and each step can run on its own
-machine (a pod per step under k8s_job_executor) since every input a step needs is on the storage root."""
+alone (RunSettings.max_retries), a shard whose manifest is in place is skipped, and each step can run on its own
+machine (a pod per step under k8s_job_executor) since every input a step needs is on the storage root.
 
-from collections import Counter
+Input rows are validated once, by the step that runs them (with the model's tokenizer, for prompt length); the
+plan only reads every file in full, so a damaged one fails before any shard runs. The report lists the invalid
+rows from the results."""
+
 from collections.abc import Iterator
 
 import dagster as dg
 import msgspec
+import polars as pl
 from pydantic import Field
 
-from k2batch.agent.batch import run_shard, scan_results, summarize
-from k2batch.agent.tools import TOOLS
+from k2batch.agent.batch import run_shard
 from k2batch.config import BatchConfig, ConfigError, StorageConfig, config_hash
-from k2batch.records import Result, validate_jobs
+from k2batch.metrics import engine_work, scan_results, total_work, write_summary
 from k2batch.shards import (
     InputError,
     Shard,
@@ -23,16 +26,14 @@ from k2batch.shards import (
     completed_shards,
     manifest_uri,
     plan_shards,
-    read_shard_rows,
     remove_stale_shards,
     summary_uri,
 )
-from k2batch.storage import StorageOptions, read_json, write_json_atomic
+from k2batch.storage import read_json
 from pipelines import report
 from pipelines.batch_config import BatchRunConfig
 from pipelines.batches import inputs_uri, list_batches, outputs_uri
-from pipelines.resources import EngineResource, StorageResource
-from pipelines.settings import current_settings
+from pipelines.resources import EngineResource, RunSettings, StorageResource
 
 GROUP = "batch"
 ROWS_CHECK = "rows_in_equals_rows_out"
@@ -68,31 +69,17 @@ class ShardOutcome(msgspec.Struct, frozen=True, kw_only=True):
     engine: dict[str, float] | None
 
 
-def engine_work(outcomes: list[ShardOutcome]) -> dict[str, float] | None:
-    """EngineStats summed over the shards this run ran: their steps may have had one engine each."""
-    ran = [outcome.engine for outcome in outcomes if outcome.engine is not None]
-    return {name: sum(work[name] for work in ran) for name in ran[0]} if ran else None
-
-
 def with_storage(config: BatchConfig, storage: StorageResource) -> BatchConfig:
     return msgspec.structs.replace(config, storage=StorageConfig(options=storage.fsspec_options()))
 
 
-def invalid_rows(plan: ShardPlan, config: BatchConfig, options: StorageOptions) -> list[Result]:
-    """Rows that will become status "invalid" results (prompt length is checked later, with the tokenizer)."""
-    invalid = []
-    for shard in plan.shards:
-        _, rejected = validate_jobs(
-            read_shard_rows(shard, options), known_tools=TOOLS.names(), default_tools=config.tools.enabled
-        )
-        invalid += rejected
-    return invalid
-
-
 @dg.asset(partitions_def=batches, group_name=GROUP, kinds={"parquet"})
-def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storage: StorageResource) -> dg.Output:
-    """The batch's input rows cut into shards, every row checked against the input schema: bad rows are
-    listed in the metadata (they become status "invalid" results); an unreadable file fails the step."""
+def shard_plan(
+    context: dg.AssetExecutionContext, config: BatchRunConfig, storage: StorageResource, settings: RunSettings
+) -> dg.Output:
+    """The batch's input rows cut into shards, every file read in full: an unreadable file fails the step and
+    names it. Rows are checked by the shard steps (bad ones become status "invalid" results, which the report
+    lists)."""
     batch = context.partition_key
     options = storage.fsspec_options()
     listing = list_batches(storage.root, options)
@@ -103,13 +90,12 @@ def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storag
         raise dg.Failure(f"no batch {batch!r}: expected {where}/{batch}/*.parquet or {where}/{batch}.parquet")
     found = listing.batches[batch]
     try:
-        batch_config = config.batch_config()
+        batch_config = config.batch_config(settings.base_config())
         plan = plan_shards(found.input_uri, batch_config.shards.rows_per_shard, options)
     except (ConfigError, InputError) as exc:
         raise dg.Failure(str(exc)) from None
     if not plan.shards:
         raise dg.Failure(f"{found.input_uri}: its {len(plan.files)} file(s) hold no rows")
-    invalid = invalid_rows(plan, batch_config, options)
     output = outputs_uri(storage.root, batch)
     # A batch rewritten with fewer rows has fewer shards: the outputs of the others go, or the report would
     # count their rows (and fail on their columns).
@@ -118,10 +104,6 @@ def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storag
         context.log.info(f"removed the outputs of shards {stale} under {output}: the plan has no such shards now")
     stored = msgspec.structs.replace(batch_config, storage=StorageConfig(options=dict(storage.options)))
     value = BatchPlan(batch=batch, input_uri=found.input_uri, output_uri=output, config=stored, plan=plan)
-    by_error = Counter(result.error_type for result in invalid)
-    shown = [
-        (r.source_file, r.source_row, r.job_id, r.error_type, r.error_message) for r in invalid[:SHOWN_INVALID_ROWS]
-    ]
     return dg.Output(
         value,
         metadata={
@@ -130,15 +112,7 @@ def shard_plan(context: dg.AssetExecutionContext, config: BatchRunConfig, storag
             "rows_per_shard": plan.rows_per_shard,
             "files": len(plan.files),
             "empty_files": len(plan.empty_files),
-            "invalid_rows": len(invalid),
-            "invalid_by_error": dg.MetadataValue.md(
-                report.markdown_table(["error_type", "rows"], sorted(by_error.items())) if invalid else "none"
-            ),
-            "invalid_rows_first": dg.MetadataValue.md(
-                report.markdown_table(["file", "row", "job_id", "error_type", "error_message"], shown)
-                if invalid
-                else "none"
-            ),
+            "duplicate_job_ids": sum(len(shard.duplicates) for shard in plan.shards),
             "stale_shards_removed": len(stale),
             "input": found.input_uri,
             "output": output,
@@ -156,20 +130,17 @@ def split_shards(shard_plan: BatchPlan) -> Iterator[dg.DynamicOutput]:
         yield dg.DynamicOutput(task, mapping_key=f"shard_{shard.index:05d}")
 
 
-@dg.op(
-    name="run_shard",
-    pool="gpu",
-    retry_policy=dg.RetryPolicy(
-        max_retries=current_settings().shards.max_retries,
-        delay=current_settings().shards.retry_delay_s,
-        backoff=dg.Backoff.EXPONENTIAL,
-    ),
-)
+@dg.op(name="run_shard", pool="gpu")
 def run_shard_step(
-    context: dg.OpExecutionContext, task: ShardTask, storage: StorageResource, engine: EngineResource
+    context: dg.OpExecutionContext,
+    task: ShardTask,
+    storage: StorageResource,
+    engine: EngineResource,
+    settings: RunSettings,
 ) -> dg.Output:
     """Run one shard's episodes and write its results, traces and manifest; skipped when its manifest (same
-    inputs, same config) is in place. Retried alone when it fails; the results record the attempt."""
+    inputs, same config) is in place. Retried alone when it fails (settings.max_retries times, waiting
+    settings.retry_delay_s and twice that for each later retry); the results record the attempt."""
     config = with_storage(task.config, storage)
     options, shard = config.storage.options, task.shard
     alone = ShardPlan(shards=(shard,), files=(), empty_files=(), rows_per_shard=shard.num_rows, num_rows=shard.num_rows)
@@ -183,10 +154,11 @@ def run_shard_step(
         before = msgspec.to_builtins(loaded.stats)
         try:
             manifest = run_shard(loaded, shard, task.output_uri, config, attempt=context.retry_number + 1)
-        except Exception:
+        except Exception as error:
             engine.discard()  # requests of the failed attempt may still be queued in it (or its device is lost)
-            raise
-        work = {name: value - before[name] for name, value in msgspec.to_builtins(loaded.stats).items()}
+            wait = settings.retry_delay(context.retry_number)
+            raise dg.RetryRequested(max_retries=settings.max_retries, seconds_to_wait=wait) from error
+        work = engine_work(before, msgspec.to_builtins(loaded.stats))
     return dg.Output(
         ShardOutcome(manifest=manifest, engine=work),
         metadata={
@@ -213,13 +185,11 @@ def shard_results(shard_plan):
 
 
 class ReportRunConfig(dg.Config):
-    max_error_rate: float = Field(
-        current_settings().checks.max_error_rate,
-        description="The error-rate check fails above this fraction of rows.",
+    max_error_rate: float | None = Field(
+        None, description="The error-rate check fails above this fraction of rows; null: the settings resource's."
     )
-    error_statuses: list[str] = Field(
-        list(current_settings().checks.error_statuses),
-        description="Result statuses that count as errors.",
+    error_statuses: list[str] | None = Field(
+        None, description="Result statuses that count as errors; null: the settings resource's."
     )
 
 
@@ -240,30 +210,31 @@ def batch_report(
     shard_plan: BatchPlan,
     shard_results: list[ShardOutcome],
     storage: StorageResource,
+    settings: RunSettings,
 ) -> dg.MaterializeResult:
-    """Batch totals: rows per status, tokens, cache hit rate, throughput and API-equivalent cost, with charts of
-    steps per episode and tokens per task; writes outputs/{batch}/summary.json (as `k2batch run` does)."""
+    """Batch totals (metrics.BatchSummary: rows per status, tokens, cache hit rate, run times, throughput and
+    API-equivalent cost), written as outputs/{batch}/summary.json as `k2batch run` writes it, with the invalid rows,
+    a table per task and charts of steps per episode and tokens per task."""
     batch_config = with_storage(shard_plan.config, storage)
     options, output = batch_config.storage.options, shard_plan.output_uri
-    manifests = [outcome.manifest for outcome in shard_results]
-    finished = [m.finished_at for m in manifests if m.finished_at is not None]
-    summary = {
-        **summarize(output, options),
-        "shards": len(shard_plan.plan.shards),
-        "model": batch_config.model,
-        "config_hash": config_hash(batch_config),
-        # Wall time, from the first shard's start to the last one's end (shards may run side by side).
-        "run_s": max(finished) - min(m.started_at for m in manifests) if finished else 0.0,
-        "engine": engine_work(shard_results),
-    }
-    write_json_atomic(summary_uri(output), summary, options)
+    engine = total_work([outcome.engine for outcome in shard_results])
+    summary = write_summary(output, batch_config, shards=len(shard_plan.plan.shards), engine=engine)
     results = scan_results(output, options)
     tasks = report.tasks_table(results, batch_config.prices)
-    totals = report.totals(summary, tasks)
-    by_status = summary["rows_by_status"]
+    invalid = results.filter(pl.col("status") == "invalid")
+    by_error = invalid.group_by("error_type").len().sort("error_type").collect()
+    shown = (
+        invalid.sort("shard", "source_file", "source_row")
+        .select("source_file", "source_row", "job_id", "error_type", "error_message")
+        .head(SHOWN_INVALID_ROWS)
+        .collect()
+    )
+    by_status = summary.rows_by_status
+    max_error_rate = settings.max_error_rate if config.max_error_rate is None else config.max_error_rate
+    error_statuses = settings.error_statuses if config.error_statuses is None else config.error_statuses
 
-    rows_in, rows_out = shard_plan.plan.num_rows, summary["rows"]
-    errors = sum(by_status.get(status, 0) for status in config.error_statuses)
+    rows_in, rows_out = shard_plan.plan.num_rows, summary.rows
+    errors = sum(by_status.get(status, 0) for status in error_statuses)
     error_rate = errors / max(rows_out, 1)
     checks = [
         dg.AssetCheckResult(
@@ -274,15 +245,24 @@ def batch_report(
         ),
         dg.AssetCheckResult(
             check_name=ERROR_RATE_CHECK,
-            passed=error_rate <= config.max_error_rate,
-            metadata={"error_rate": error_rate, "max_error_rate": config.max_error_rate, "error_rows": errors},
+            passed=error_rate <= max_error_rate,
+            metadata={"error_rate": error_rate, "max_error_rate": max_error_rate, "error_rows": errors},
         ),
     ]
     context.log.info(f"batch {shard_plan.batch}: {rows_out} rows {by_status}")
     return dg.MaterializeResult(
         metadata={
-            **totals,
+            **report.totals(summary),
             "rows_by_status": dg.MetadataValue.md(report.markdown_table(["status", "rows"], sorted(by_status.items()))),
+            "invalid_rows": by_status.get("invalid", 0),
+            "invalid_by_error": dg.MetadataValue.md(
+                report.markdown_table(["error_type", "rows"], by_error.rows()) if by_error.height else "none"
+            ),
+            "invalid_rows_first": dg.MetadataValue.md(
+                report.markdown_table(["file", "row", "job_id", "error_type", "error_message"], shown.rows())
+                if shown.height
+                else "none"
+            ),
             "tasks": dg.MetadataValue.md(report.tasks_markdown(tasks)),
             "steps_per_episode": dg.MetadataValue.md(report.steps_chart(report.steps_histogram(results))),
             "tokens_per_task": dg.MetadataValue.md(report.tokens_chart(tasks)),

@@ -1,97 +1,122 @@
-"""The launchpad's run config (dg.Config) and its mapping onto k2batch.config.BatchConfig.
+"""The launchpad's run config, derived from k2batch.config.BatchConfig: a dg.Config class per table of the batch
+config, with every key it has ([storage] aside: the storage resource says where data lives and how to reach it).
 
-Defaults are the values of configs/default.toml (overlaid by the settings' batch_config), so a run launched
-without config runs as `k2batch run` would."""
+Every value is optional: one left null keeps the batch config's (configs/default.toml overlaid by the settings
+resource's batch_config TOML), so a run launched without config runs as `k2batch run` would. Descriptions are the
+comments of configs/default.toml, which documents every key."""
 
+from __future__ import annotations
+
+import re
 from typing import Any
 
 import dagster as dg
 import msgspec
+import msgspec.inspect as mi
 from pydantic import Field
 
-from k2batch.config import BatchConfig, ConfigError
-from pipelines.settings import base_batch_config
+from k2batch.config import DEFAULT_CONFIG, BatchConfig, ConfigError
 
-BASE = base_batch_config()
-
-
-class EngineRunConfig(dg.Config):
-    """How the offline engine runs."""
-
-    max_num_seqs: int = Field(BASE.engine.max_num_seqs, description="Decode slots: sequences decoded together.")
-    max_num_batched_tokens: int = Field(
-        BASE.engine.max_num_batched_tokens, description="Token budget of one forward (prefill chunks + decodes)."
-    )
-    block_size: int = Field(BASE.engine.block_size, description="Tokens per KV-cache block.")
-    kv_cache_gib: float = Field(BASE.engine.kv_cache_gib, description="Memory of the paged KV cache, GiB.")
-    num_kv_blocks: int | None = Field(BASE.engine.num_kv_blocks, description="Exact KV blocks (overrides GiB).")
-    max_model_len: int | None = Field(BASE.engine.max_model_len, description="Context length; null: the model's.")
-    enable_prefix_caching: bool = Field(
-        BASE.engine.enable_prefix_caching, description="Reuse KV blocks of shared prefixes."
-    )
-    dequantize_int4: bool = Field(
-        BASE.engine.dequantize_int4, description="Dequantize INT4 experts once at start (faster on CPU)."
-    )
-    dtype: str = Field(BASE.engine.dtype, description="float32 on CPU, bfloat16 on GPU.")
-    device: str = Field(BASE.engine.device, description="cpu or cuda.")
+LEFT_OUT = ("storage",)
+_KEY = re.compile(r"#?\s*([A-Za-z_][A-Za-z0-9_]*)\s*=")
+_TABLE = re.compile(r"\[([A-Za-z0-9_.]+)\]")
 
 
-class SamplingRunConfig(dg.Config):
-    """Decoding defaults for every job; a job's own columns win."""
-
-    temperature: float = Field(BASE.sampling.temperature, description="0 is greedy.")
-    top_p: float = Field(BASE.sampling.top_p, description="Nucleus sampling mass.")
-    top_k: int = Field(BASE.sampling.top_k, description="0 disables top-k.")
-    max_new_tokens: int = Field(BASE.sampling.max_new_tokens, description="Tokens per step (one model turn).")
-    seed: int = Field(BASE.sampling.seed, description="Base seed for jobs without a seed.")
-
-
-class AgentRunConfig(dg.Config):
-    """Budgets and tool execution of the episode loop."""
-
-    max_steps: int = Field(BASE.agent.max_steps, description="Model turns before status step_limit.")
-    max_new_tokens_per_episode: int = Field(
-        BASE.agent.max_new_tokens_per_episode, description="Generated tokens before status token_limit."
-    )
-    max_context_tokens: int | None = Field(
-        BASE.agent.max_context_tokens, description="Context budget of an episode; null: the engine's."
-    )
-    tool_timeout_s: float = Field(BASE.agent.tool_timeout_s, description="Seconds a tool call may run.")
-    max_tool_result_chars: int = Field(BASE.agent.max_tool_result_chars, description="Longer results are cut.")
-    tool_workers: int = Field(BASE.agent.tool_workers, description="Threads running tool calls.")
+def toml_comments(text: str) -> dict[str, str]:
+    """The comments above each key of a TOML file, by dotted key ("engine.block_size"). A comment block describes
+    the keys right under it (`rank_timeout_s` and `rank_start_timeout_s` share one), up to a blank line; a
+    commented-out key (`# max_model_len = 262144`) is a key too."""
+    found: dict[str, str] = {}
+    table, block, current = "", [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        key = _KEY.match(line)
+        if not line:
+            block, current = [], ""
+        elif header := _TABLE.fullmatch(line):
+            table, block, current = header.group(1) + ".", [], ""
+        elif key and (block or current):
+            current, block = " ".join(block) if block else current, []
+            found.setdefault(table + key.group(1), current)
+        elif line.startswith("#"):
+            block.append(line.lstrip("#").strip())
+    return found
 
 
-class ToolsRunConfig(dg.Config):
-    """The built-in tools."""
+def _python_type(kind: mi.Type, path: str, comments: dict[str, str]) -> Any:
+    """The launchpad type of a BatchConfig field's type (without its None)."""
+    if isinstance(kind, mi.UnionType):
+        (kind,) = [t for t in kind.types if not isinstance(t, mi.NoneType)]
+    if isinstance(kind, mi.StructType):
+        return _config_class(kind.cls, path, comments)
+    if isinstance(kind, mi.ListType | mi.VarTupleType):
+        return list[_python_type(kind.item_type, path, comments)]
+    if isinstance(kind, mi.DictType):
+        return dict[str, _python_type(kind.value_type, path, comments)]
+    scalars = {mi.StrType: str, mi.IntType: int, mi.FloatType: float, mi.BoolType: bool, mi.LiteralType: str}
+    if isinstance(kind, mi.DateTimeType):
+        return str  # ISO 8601 with a zone, as in the TOML
+    return scalars[type(kind)]
 
-    enabled: list[str] = Field(list(BASE.tools.enabled), description="Tools a job gets when its tools column is null.")
-    search_corpus: str = Field(BASE.tools.search_corpus, description="Corpus Parquet (URI) the search tool ranks.")
-    read_object_prefixes: list[str] = Field(
-        list(BASE.tools.read_object_prefixes), description="URI prefixes read_object may read under."
-    )
-    now: str = Field(BASE.tools.now.isoformat(), description="The batch's logical time (ISO 8601 with zone).")
+
+def _description(path: str, kind: mi.Type, comments: dict[str, str]) -> str:
+    if path in comments:
+        return comments[path]
+    if isinstance(kind, mi.StructType) and kind.cls.__doc__:
+        return " ".join(kind.cls.__doc__.split())
+    # A table of free keys (tasks) is described above its first key.
+    return next((text for key, text in comments.items() if key.startswith(path + ".")), "")
 
 
-class BatchRunConfig(dg.Config):
-    """What a batch runs with: model, engine, sampling, agent budgets, tools and shard size."""
+def _config_class(struct: type[msgspec.Struct], path: str, comments: dict[str, str]) -> type[dg.Config]:
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"__module__": __name__, "__doc__": struct.__doc__}
+    info = mi.type_info(struct)
+    for field in info.fields:
+        if not path and field.encode_name in LEFT_OUT:
+            continue
+        where = f"{path}.{field.encode_name}" if path else field.encode_name
+        kind = _python_type(field.type, where, comments)
+        description = _description(where, field.type, comments)
+        if isinstance(kind, type) and issubclass(kind, dg.Config):
+            annotations[field.name] = kind
+            namespace[field.name] = Field(default_factory=kind, description=description)
+        else:
+            annotations[field.name] = kind | None
+            namespace[field.name] = Field(default=None, description=description)
+    namespace["__annotations__"] = annotations
+    name = "".join(part.title() for part in path.split(".")) + "RunConfig" if path else "BatchRunConfigBase"
+    return type(name, (dg.Config,), namespace)
 
-    model: str = Field(BASE.model, description="Checkpoint directory or fsspec URI.")
-    engine: EngineRunConfig = Field(EngineRunConfig(), description=EngineRunConfig.__doc__)
-    sampling: SamplingRunConfig = Field(SamplingRunConfig(), description=SamplingRunConfig.__doc__)
-    agent: AgentRunConfig = Field(AgentRunConfig(), description=AgentRunConfig.__doc__)
-    tools: ToolsRunConfig = Field(ToolsRunConfig(), description=ToolsRunConfig.__doc__)
-    rows_per_shard: int = Field(BASE.shards.rows_per_shard, description="Input rows per shard (unit of retry).")
 
-    def batch_config(self, base: BatchConfig = BASE) -> BatchConfig:
-        """`base` with this run's values; what the launchpad does not show (prices, tasks, ...) stays as in base."""
-        data: dict[str, Any] = msgspec.to_builtins(base)
-        data["model"] = self.model
-        data["engine"] = {**data["engine"], **self.engine.model_dump()}
-        data["sampling"] = {**data["sampling"], **self.sampling.model_dump()}
-        data["agent"] = {**data["agent"], **self.agent.model_dump()}
-        data["tools"] = {**data["tools"], **self.tools.model_dump()}
-        data["shards"] = {**data["shards"], "rows_per_shard": self.rows_per_shard}
+def _set_values(config: dg.Config) -> dict[str, Any]:
+    """The values a run config sets, as nested dicts (null ones left out)."""
+    values = {}
+    for name, value in config:
+        if isinstance(value, dg.Config):
+            values[name] = _set_values(value)
+        elif value is not None:
+            values[name] = value
+    return values
+
+
+def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _overlay(base[key], value) if nested else value
+    return merged
+
+
+class BatchRunConfig(_config_class(BatchConfig, "", toml_comments(DEFAULT_CONFIG.read_text()))):
+    """What a batch runs with: model, engine, sampling, agent budgets, tools, shard size, prices and task prompts;
+    null keeps the batch config's value."""
+
+    def batch_config(self, base: BatchConfig) -> BatchConfig:
+        """`base` with the values this run sets."""
+        data = _overlay(msgspec.to_builtins(base), _set_values(self))
         try:
             return msgspec.convert(data, BatchConfig)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"run config: {exc}") from None
+

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import yaml
 
+from k2batch.config import ConfigError, load_config
 from pipelines.assets import batch_job, batch_report, shard_plan, shard_results
-from pipelines.resources import EngineResource, StorageResource
-from pipelines.schedules import nightly_batches
-from pipelines.sensors import batch_inputs
+from pipelines.resources import EngineResource, RunSettings, StorageResource
+from pipelines.schedules import nightly_schedule
+from pipelines.sensors import inputs_sensor
+from pipelines.settings import EXECUTORS, Executor, PipelineSettings, load_settings
 from pipelines.step_outputs import StepOutputsIOManager
-from pipelines.settings import EXECUTORS, Executor, base_batch_config, current_settings
 
 K8S_EXECUTOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster-k8s" / "executor.yaml"
+CREDENTIALS = (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN"))
 
 
-def executor_for(kind: Executor) -> dg.ExecutorDefinition:
+def executor_for(kind: str) -> dg.ExecutorDefinition:
     if kind == "in_process":
         return dg.in_process_executor
     if kind == "multiprocess":
@@ -27,36 +30,63 @@ def executor_for(kind: Executor) -> dg.ExecutorDefinition:
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor.configured(yaml.safe_load(K8S_EXECUTOR_CONFIG.read_text()), name="k8s")
-    raise ValueError(f"executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
+    raise ConfigError(f"executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
 
 
-def default_storage(root: str) -> StorageResource:
-    """The settings' root with default.toml's storage options; credentials only from the environment."""
-    secrets = {
-        field: dg.EnvVar(variable)
-        for field, variable in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN"))
-        if os.environ.get(variable)
-    }  # fmt: skip
-    return StorageResource(root=root, options=dict(base_batch_config().storage.options), **secrets)
+def from_environment(variable: str, default: Any) -> Any:
+    """dg.EnvVar(variable) when the variable is set, so the process that uses the resource reads its value (and
+    the UI shows the variable's name, not its value); `default` otherwise."""
+    return dg.EnvVar(variable) if os.environ.get(variable) else default
+
+
+def default_storage(settings: PipelineSettings) -> StorageResource:
+    """The settings' root (K2BATCH_ROOT wins) with the batch config's storage options; credentials only from the
+    environment."""
+    batch_config = os.environ.get("K2BATCH_CONFIG") or settings.batch_config or None
+    secrets = {field: dg.EnvVar(variable) for field, variable in CREDENTIALS if os.environ.get(variable)}
+    return StorageResource(
+        root=from_environment("K2BATCH_ROOT", settings.root),
+        options=dict(load_config(batch_config).storage.options),
+        **secrets,
+    )
+
+
+def run_settings(settings: PipelineSettings) -> RunSettings:
+    """The settings steps and the sensor read while they run (K2BATCH_CONFIG wins for the batch config)."""
+    return RunSettings(
+        batch_config=from_environment("K2BATCH_CONFIG", settings.batch_config),
+        lookback_s=settings.sensor.lookback_s,
+        max_retries=settings.shards.max_retries,
+        retry_delay_s=settings.shards.retry_delay_s,
+        max_error_rate=settings.checks.max_error_rate,
+        error_statuses=list(settings.checks.error_statuses),
+    )
 
 
 def build_definitions(
-    storage: StorageResource | None = None, engine: EngineResource | None = None, executor: Executor | None = None
+    storage: StorageResource | None = None,
+    engine: EngineResource | None = None,
+    executor: Executor | None = None,
+    settings: PipelineSettings | None = None,
 ) -> dg.Definitions:
-    """The definitions over `storage` and `engine` (tests pass their own); defaults from configs/dagster.toml."""
-    settings = current_settings()
-    storage = storage or default_storage(settings.root)
+    """The definitions over `storage` and `engine` (tests pass their own), from `settings` (default:
+    configs/dagster.toml, overlaid by K2BATCH_DAGSTER_SETTINGS). K2BATCH_EXECUTOR picks the executor."""
+    settings = settings or load_settings()
+    storage = storage or default_storage(settings)
     return dg.Definitions(
         assets=[shard_plan, shard_results, batch_report],
         jobs=[batch_job],
-        sensors=[batch_inputs],
-        schedules=[nightly_batches],
+        sensors=[inputs_sensor(settings.sensor.minimum_interval_s)],
+        schedules=[nightly_schedule(settings.nightly)],
         resources={
             "storage": storage,
             "engine": engine or EngineResource(),
-            "io_manager": StepOutputsIOManager(storage=storage, root=settings.step_outputs),
+            "settings": run_settings(settings),
+            "io_manager": StepOutputsIOManager(
+                storage=storage, root=from_environment("K2BATCH_STEP_OUTPUTS", settings.step_outputs)
+            ),
         },
-        executor=executor_for(executor or settings.executor),
+        executor=executor_for(executor or os.environ.get("K2BATCH_EXECUTOR") or settings.executor),
     )
 
 

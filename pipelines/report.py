@@ -1,28 +1,24 @@
-"""The batch report: totals, per-task tokens and cost, steps per episode, as numbers and markdown for Dagster."""
+"""The batch report: the summary's figures (k2batch.metrics), per-task tokens and cost, steps per episode, as numbers
+and markdown for Dagster."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import polars as pl
 
 from k2batch.config import PricesConfig
-from k2batch.metrics import api_cost, cache_hit_rate, token_totals
+from k2batch.metrics import BatchSummary, figures_by
 
 BAR_WIDTH = 30
 
 
 def tasks_table(results: pl.LazyFrame, prices: PricesConfig) -> pl.DataFrame:
     """Per task: jobs, steps, tool calls, tokens, cache hit rate and API-equivalent cost."""
-    return (
-        results.with_columns(task=pl.col("task").fill_null("(none)"), cost_usd=api_cost(prices))
-        .group_by("task")
-        .agg(**token_totals(), cost_usd=pl.col("cost_usd").sum())
-        .with_columns(cache_hit_rate=cache_hit_rate())
-        .sort("task")
-        .collect()
-    )
+    named = results.with_columns(task=pl.col("task").fill_null("(none)"))
+    return figures_by(named, prices, "task").sort("task").collect()
 
 
 def steps_histogram(results: pl.LazyFrame) -> pl.DataFrame:
@@ -72,29 +68,8 @@ def tasks_markdown(tasks: pl.DataFrame) -> str:
     return markdown_table(columns, tasks.select(columns).rows())
 
 
-def per_second(count: float, seconds: float) -> float:
-    return count / seconds if seconds > 0 else 0.0
-
-
-def totals(summary: dict[str, Any], tasks: pl.DataFrame) -> dict[str, float]:
-    """Headline numbers of a batch summary and its task table. Throughput twice: over the batch's wall time
-    (run_s, first shard start to last shard end) and per second of one shard's engine (shard_run_s, the
-    shards' run times summed), which differ when shards run side by side."""
-    prompt = summary["prompt_tokens"] or 0
-    completion = summary["completion_tokens"] or 0
-    run_s, shard_run_s = summary.get("run_s") or 0.0, summary.get("shard_run_s") or 0.0
-    return {
-        "rows": summary["rows"],
-        "steps": summary["steps"] or 0,
-        "tool_calls": summary["tool_calls"] or 0,
-        "prompt_tokens": prompt,
-        "cached_prompt_tokens": summary["cached_prompt_tokens"] or 0,
-        "completion_tokens": completion,
-        "reasoning_tokens": summary["reasoning_tokens"] or 0,
-        "cache_hit_rate": (summary["cached_prompt_tokens"] or 0) / max(prompt, 1),
-        "output_tokens_per_s": per_second(completion, run_s),
-        "output_tokens_per_shard_s": per_second(completion, shard_run_s),
-        "run_s": run_s,
-        "shard_run_s": shard_run_s,
-        "api_cost_usd": float(tasks["cost_usd"].sum()),
-    }
+def totals(summary: BatchSummary) -> dict[str, float]:
+    """The summary's numbers, as metadata: counts, tokens, cache hit rate, cost, both run times and both throughputs
+    (over the batch's wall time, and per second of one shard's run)."""
+    figures = msgspec.to_builtins(summary)
+    return {name: value for name, value in figures.items() if isinstance(value, int | float)}

@@ -1,4 +1,5 @@
-"""Resources: the storage root (with its fsspec options) and the engine (one model load per run process)."""
+"""Resources: the storage root (with its fsspec options), the run settings, and the engine (one model load per run
+process)."""
 
 import os
 from typing import Any
@@ -7,7 +8,7 @@ import dagster as dg
 import msgspec
 from pydantic import Field, PrivateAttr
 
-from k2batch.config import secret_paths
+from k2batch.config import BatchConfig, load_config, secret_paths
 from k2batch.engine import Engine, EngineConfig
 
 SECRET_FIELDS = ("key", "secret", "token")
@@ -70,6 +71,33 @@ class StorageResource(dg.ConfigurableResource):
         """The options with the credentials read from their environment variables, for k2batch's storage functions."""
         secrets = {name: getattr(self, name) for name in SECRET_FIELDS}
         return {**self.options, **{name: ref.value(name) for name, ref in secrets.items() if ref is not None}}
+
+
+class RunSettings(dg.ConfigurableResource):
+    """The settings that steps and the sensor read while they run (configs/dagster.toml; definitions.py passes
+    K2BATCH_CONFIG as a dg.EnvVar when it is set). Any run may override them in the launchpad's resources section."""
+
+    batch_config: str = Field(
+        default="",
+        description="Batch config TOML overlaying configs/default.toml: what a run's launchpad values overlay. "
+        "Empty: default.toml alone.",
+    )
+    lookback_s: float = Field(
+        description="The inputs sensor looks again at files this many seconds older than the newest one it saw "
+        "(object stores may list a file after files stamped later)."
+    )
+    max_retries: int = Field(description="Retries of a failed shard step (that shard alone).")
+    retry_delay_s: float = Field(description="Seconds before a shard's first retry; doubling for each later one.")
+    max_error_rate: float = Field(description="The report's error-rate check fails above this fraction of rows.")
+    error_statuses: list[str] = Field(description="Result statuses the error-rate check counts.")
+
+    def base_config(self) -> BatchConfig:
+        """configs/default.toml overlaid by batch_config: the config a run's values overlay."""
+        return load_config(self.batch_config or None)
+
+    def retry_delay(self, retry_number: int) -> float:
+        """Seconds to wait before retry `retry_number + 1` of a shard (exponential backoff)."""
+        return self.retry_delay_s * 2**retry_number
 
 
 class EngineResource(dg.ConfigurableResource):

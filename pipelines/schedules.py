@@ -8,7 +8,7 @@ from pipelines.assets import batch_job, batches
 from pipelines.batches import list_batches, outputs_uri
 from pipelines.resources import StorageResource
 from pipelines.sensors import run_request
-from pipelines.settings import current_settings
+from pipelines.settings import NightlySettings
 
 NOT_FINISHED = [
     dg.DagsterRunStatus.QUEUED,
@@ -26,12 +26,17 @@ def in_flight(instance: dg.DagsterInstance, batch: str) -> bool:
     return bool(instance.get_run_records(runs, limit=1))
 
 
-@dg.schedule(
-    job=batch_job,
-    cron_schedule=current_settings().nightly.cron,
-    execution_timezone=current_settings().nightly.timezone,
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-)
+def nightly_schedule(nightly: NightlySettings) -> dg.ScheduleDefinition:
+    """The schedule `nightly_batches`, on the cron and timezone of the settings' [nightly]."""
+    return dg.schedule(
+        name="nightly_batches",
+        job=batch_job,
+        cron_schedule=nightly.cron,
+        execution_timezone=nightly.timezone,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+    )(nightly_batches)
+
+
 def nightly_batches(context: dg.ScheduleEvaluationContext, storage: StorageResource):
     """A batch without outputs/{batch}/summary.json has not finished: it runs (a failed one resumes, skipping
     its complete shards), unless a run of it is still queued or running. Run keys carry the night, so last

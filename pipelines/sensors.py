@@ -6,8 +6,7 @@ import msgspec
 from k2batch.storage import FileInfo, list_files
 from pipelines.assets import batch_job, batches
 from pipelines.batches import BatchInput, batch_of, inputs_uri, list_batches
-from pipelines.resources import StorageResource
-from pipelines.settings import current_settings
+from pipelines.resources import RunSettings, StorageResource
 
 RUN_KEY_TAG = "dagster/run_key"  # the sensor daemon tags each run it launches with its request's run key
 
@@ -51,17 +50,24 @@ def ran_before(instance: dg.DagsterInstance, request: dg.RunRequest) -> bool:
     return bool(instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: request.run_key}), limit=1))
 
 
-@dg.sensor(
-    job=batch_job,
-    minimum_interval_seconds=current_settings().sensor.minimum_interval_s,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
-def batch_inputs(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+def inputs_sensor(minimum_interval_s: int) -> dg.SensorDefinition:
+    """The sensor `batch_inputs`, looking at {root}/inputs/ every `minimum_interval_s` seconds."""
+    return dg.sensor(
+        name="batch_inputs",
+        job=batch_job,
+        minimum_interval_seconds=minimum_interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )(batch_inputs)
+
+
+def batch_inputs(
+    context: dg.SensorEvaluationContext, storage: StorageResource, settings: RunSettings
+) -> dg.SensorResult:
     """Watches {root}/inputs/ (not inputs/nightly/, which the nightly schedule runs) for Parquet files."""
     options = storage.fsspec_options()
     inputs = inputs_uri(storage.root)
     files = list_files(inputs, options)
-    changed, cursor = InputsCursor.decode(context.cursor).advance(files, current_settings().sensor.lookback_s)
+    changed, cursor = InputsCursor.decode(context.cursor).advance(files, settings.lookback_s)
     listing = list_batches(storage.root, options, files=files)
     touched = sorted({owner[0] for file in changed if (owner := batch_of(inputs, file)) is not None})
     ready = [listing.batches[name] for name in touched if name in listing.batches]

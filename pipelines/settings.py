@@ -1,8 +1,13 @@
-"""Settings of the Dagster definitions: configs/dagster.toml, with K2BATCH_* environment overrides."""
+"""Settings of the Dagster definitions: configs/dagster.toml, overlaid by the TOML named in K2BATCH_DAGSTER_SETTINGS.
+
+Read once, when definitions.build_definitions builds the definitions (the code location loads), never when a module
+is imported. What shapes the definitions themselves (executor, sensor interval, schedule) is fixed there; what steps
+and the sensor read while they run goes into resource config (resources.StorageResource, RunSettings and the step
+outputs' IO manager), with K2BATCH_ROOT, K2BATCH_STEP_OUTPUTS and K2BATCH_CONFIG as dg.EnvVar, resolved where a run
+or tick uses them."""
 
 from __future__ import annotations
 
-import functools
 import os
 import tomllib
 from pathlib import Path
@@ -10,7 +15,7 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
-from k2batch.config import BatchConfig, ConfigError, load_config
+from k2batch.config import ConfigError
 
 DAGSTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster.toml"
 Executor = Literal["in_process", "multiprocess", "k8s"]
@@ -61,33 +66,12 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_settings(path: str | os.PathLike[str] = DAGSTER_CONFIG) -> PipelineSettings:
-    """The TOML at `path`, overlaid table by table by the TOML named in K2BATCH_DAGSTER_SETTINGS, then
-    K2BATCH_ROOT, K2BATCH_STEP_OUTPUTS, K2BATCH_CONFIG and K2BATCH_EXECUTOR from the environment."""
+    """The TOML at `path`, overlaid table by table by the TOML named in K2BATCH_DAGSTER_SETTINGS."""
     data = _read(path)
     if os.environ.get("K2BATCH_DAGSTER_SETTINGS"):
         for key, value in _read(os.environ["K2BATCH_DAGSTER_SETTINGS"]).items():
             data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
-    overrides = (
-        ("root", "K2BATCH_ROOT"), ("step_outputs", "K2BATCH_STEP_OUTPUTS"), ("batch_config", "K2BATCH_CONFIG"),
-        ("executor", "K2BATCH_EXECUTOR"),
-    )  # fmt: skip
-    for key, variable in overrides:
-        if os.environ.get(variable):
-            data[key] = os.environ[variable]
     try:
         return msgspec.convert(data, PipelineSettings)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path} (with K2BATCH_* overrides): {exc}") from None
-
-
-@functools.cache
-def current_settings() -> PipelineSettings:
-    """This process's settings, read once for every module of pipelines/ (an op's retry policy, the sensor's
-    interval and the schedule's cron are fixed when they are defined, so these are read on import)."""
-    return load_settings()
-
-
-@functools.cache
-def base_batch_config() -> BatchConfig:
-    """configs/default.toml overlaid by the settings' batch_config: the launchpad's defaults."""
-    return load_config(current_settings().batch_config or None)
+        raise ConfigError(f"{path} (with K2BATCH_DAGSTER_SETTINGS): {exc}") from None

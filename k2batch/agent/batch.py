@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import msgspec
-import polars as pl
 import pyarrow as pa
 from tqdm import tqdm
 
@@ -17,22 +16,19 @@ from k2batch.agent.tools import TOOLS, ToolContext, ToolRegistry, ToolSettings
 from k2batch.agent.tools.python_sandbox import require_sandbox
 from k2batch.config import BatchConfig, config_hash, load_config
 from k2batch.engine import Engine
-from k2batch.metrics import token_totals
-from k2batch.records import MAX_SEED, RESULT_SCHEMA, Job, Result, RunInfo, results_table, traces_table, validate_jobs
+from k2batch.metrics import engine_work, total_work, write_summary
+from k2batch.records import MAX_SEED, Job, Result, RunInfo, results_table, traces_table, validate_jobs
 from k2batch.shards import (
     Shard,
     ShardManifest,
     completed_shards,
     new_manifest,
     plan_shards,
-    read_manifests,
     read_shard_rows,
     remove_stale_shards,
     start_attempt,
-    summary_uri,
     write_shard_outputs,
 )
-from k2batch.storage import join, list_uris, polars_storage_options, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -171,33 +167,11 @@ def output_tables(
     )
 
 
-def scan_results(output_uri: str, options: dict[str, Any] | None = None) -> pl.LazyFrame:
-    """Every shard's results, as the documented reader glob gives them; no rows (not an error) when there are none."""
-    if not list_uris(join(output_uri, "results"), options):  # a batch without rows writes no shards
-        return pl.from_arrow(RESULT_SCHEMA.empty_table()).lazy()
-    return pl.scan_parquet(
-        join(output_uri, "results", "**", "*.parquet"),
-        hive_partitioning=True,
-        storage_options=polars_storage_options(output_uri, options) or None,
-    )
-
-
-def summarize(output_uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Batch totals from the results of every shard (zeros for a batch without rows)."""
-    results = scan_results(output_uri, options)
-    totals = results.select(**token_totals()).rename({"jobs": "rows"}).collect()
-    by_status = results.group_by("status").len().collect()
-    return {
-        **totals.row(0, named=True),
-        "shard_run_s": sum(m.timings.get("run_s", 0.0) for m in read_manifests(output_uri, options)),
-        "rows_by_status": dict(sorted(zip(by_status["status"], by_status["len"], strict=True))),
-    }
-
-
 def run_batch(
     input_uri: str, output_uri: str, config: BatchConfig | None = None, *, engine: Engine | None = None
 ) -> dict[str, Any]:
-    """Run every shard not yet complete, then write and return the batch summary."""
+    """Run every shard not yet complete, then write the batch summary (metrics.BatchSummary) and return it as
+    summary.json holds it."""
     config = config or load_config()
     options = config.storage.options
     plan = plan_shards(input_uri, config.shards.rows_per_shard, options)
@@ -205,30 +179,24 @@ def run_batch(
     done = completed_shards(output_uri, plan, config_hash(config), options)
     todo = [shard for shard in plan.shards if shard.index not in done]
     log.info("%d shards, %d complete, %d to run", len(plan.shards), len(done), len(todo))
-    started = time.perf_counter()
+    works, ranks = [], None
     if todo:
         own = engine is None  # an engine built here is stopped here (its rank processes, if it has any)
         engine = engine or Engine.from_pretrained(config.model, config.engine, config.storage.options)
         try:
             for shard in todo:
+                before = msgspec.to_builtins(engine.stats)
                 manifest = run_shard(engine, shard, output_uri, config)
+                works.append(engine_work(before, msgspec.to_builtins(engine.stats)))
                 log.info("shard %d: %s", shard.index, manifest.rows_by_status)
         finally:
             if own:
                 engine.close()
-    summary = {
-        **summarize(output_uri, options),
-        "shards": len(plan.shards),
-        "model": config.model,
-        "config_hash": config_hash(config),
-        "run_s": time.perf_counter() - started,
-        "engine": msgspec.to_builtins(engine.stats) if engine is not None else None,
-    }
-    if engine is not None and engine.placement is not None:
-        # Per rank: requests placed there (the spread over the batch), tokens, cache hits, preemptions.
-        summary["ranks"] = [
-            {"requests": placed, **msgspec.to_builtins(stats)}
-            for placed, stats in zip(engine.placement.placed, engine.rank_stats)
-        ]
-    write_json_atomic(summary_uri(output_uri), summary, options)
-    return summary
+        if engine.placement is not None:
+            # Per rank: requests placed there (the spread over the batch), tokens, cache hits, preemptions.
+            ranks = [
+                {"requests": placed, **msgspec.to_builtins(stats)}
+                for placed, stats in zip(engine.placement.placed, engine.rank_stats)
+            ]
+    summary = write_summary(output_uri, config, shards=len(plan.shards), engine=total_work(works), ranks=ranks)
+    return msgspec.to_builtins(summary)

@@ -1,1 +1,2 @@
-"""The demo model: a synthetic world and agentic tasks, a tiny K2 trained on them, and the demo batch."""
+"""The demo world: synthetic entities and their corpus, the agentic tasks and their grading, and the demo batch.
+The model trained on it, and its training recipe, live in workspace/."""

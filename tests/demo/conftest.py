@@ -1,14 +1,22 @@
-"""A small demo world: its corpus on disk, a few training jobs and their gold episodes."""
+"""A small demo world: its corpus on disk, a few training jobs and their gold episodes. The training recipe's
+modules (workspace/training/, run as a script beside the model it trains) import as the script imports them."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from k2batch.config import load_config
-from k2batch.demo.data import training_pieces
-from k2batch.demo.tasks import make_jobs
-from k2batch.demo.world import make_world, write_corpus
+TRAINING = Path(__file__).resolve().parents[2] / "workspace" / "training"
+sys.path.insert(0, str(TRAINING))
+
+from demo_episodes import training_pieces  # noqa: E402
+
+from k2batch.config import load_config  # noqa: E402
+from k2batch.demo.tasks import make_jobs  # noqa: E402
+from k2batch.demo.world import make_world, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import train_demo
 from k2batch import cli
 from k2batch.demo.tasks import TASKS
 from k2batch.demo.workspace import graded
@@ -74,25 +75,21 @@ def recorded_settings(run: dict) -> tuple:
 
 
 def test_training_json_holds_the_commands_that_reproduce_the_committed_checkpoint():
-    """The first run is `k2batch train-demo --seed 0` (the defaults, as workspace/README.md gives it); every later
-    one recorded its command line, which parses to the settings it recorded."""
+    """The first run is `train_demo.py --seed 0` (the defaults, as workspace/README.md gives it); every later one
+    recorded its command line, whose arguments parse to the settings it recorded."""
     runs = recipe(json.loads((DEMO / "training.json").read_text()))
     assert json.loads((MODELS / "k2-demo-bf16" / "training.json").read_text())["seed"] == runs[0]["seed"]
     *later, first = runs
-    args = cli.build_parser().parse_args(["train-demo", "--seed", str(first["seed"])])
+    args = train_demo.build_parser().parse_args(["--seed", str(first["seed"])])
     assert settings(args) == recorded_settings(first)
-    from k2batch.demo.train import train_demo
-
-    defaults = inspect.signature(train_demo).parameters
+    defaults = inspect.signature(train_demo.train_demo).parameters
     assert (defaults["num_jobs"].default, defaults["fresh_worlds"].default, defaults["tasks"].default,
             defaults["balanced_lengths"].default, defaults["echo_names"].default, defaults["echo_digits"].default,
             defaults["typos"].default) == (
         args.jobs, args.fresh_worlds, args.tasks, args.balanced_lengths, args.echo_names, args.echo_digits,
         args.typos)  # fmt: skip
     for run in later:
-        argv = shlex.split(run["command"])
-        assert argv[:2] == ["k2batch", "train-demo"]
-        assert settings(cli.build_parser().parse_args(argv[1:])) == recorded_settings(run)
+        assert settings(train_demo.build_parser().parse_args(arguments(run["command"]))) == recorded_settings(run)
     # The newest run names the commit of the code it ran on (a run from scratch lands where the float arithmetic
     # takes it), and that commit is in this repository's history (unless the clone is shallow).
     code = runs[0]["code"]
@@ -104,14 +101,26 @@ def test_training_json_holds_the_commands_that_reproduce_the_committed_checkpoin
         assert found.returncode == 0, found.stderr
 
 
+def arguments(command: str) -> list[str]:
+    """The arguments of a recorded command line: what follows the program (the first word that is an option on)."""
+    words = shlex.split(command)
+    return words[next(i for i, word in enumerate(words) if word.startswith("--")) :]
+
+
+def test_the_product_command_has_no_training_verb(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train-demo", "--seed", "0"])
+    assert "invalid choice: 'train-demo'" in capsys.readouterr().err
+
+
 def test_train_demo_rejects_a_negative_number_of_fresh_worlds(capsys):
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["train-demo", "--fresh-worlds", "-1"])
+        train_demo.build_parser().parse_args(["--fresh-worlds", "-1"])
     assert "--fresh-worlds: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_train_demo_parses_the_task_mix_and_rejects_bad_ones(capsys):
-    args = cli.build_parser().parse_args(["train-demo", "--tasks", "synthesis, retrieval", "--balanced-lengths", "1"])
+    args = train_demo.build_parser().parse_args(["--tasks", "synthesis, retrieval", "--balanced-lengths", "1"])
     assert args.tasks == ("synthesis", "retrieval") and args.balanced_lengths == 1.0
     for flag, value, message in (("--tasks", "retrieval,summary", "tasks must be a non-empty sequence of retrieval, draft, synthesis"),
                                  ("--balanced-lengths", "2", "must be in [0, 1], got 2.0"),
@@ -119,5 +128,5 @@ def test_train_demo_parses_the_task_mix_and_rejects_bad_ones(capsys):
                                  ("--echo-digits", "1.5", "must be in [0, 1], got 1.5"),
                                  ("--typos", "-1", "must be in [0, 1], got -1.0")):  # fmt: skip
         with pytest.raises(SystemExit):
-            cli.build_parser().parse_args(["train-demo", flag, value])
+            train_demo.build_parser().parse_args([flag, value])
         assert message in capsys.readouterr().err

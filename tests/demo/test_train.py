@@ -9,15 +9,19 @@ import os
 import random
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from k2batch import cli
-from k2batch.demo.train import (
+import train_demo
+from k2batch.model import load_model
+from k2batch.model.config import ModelConfig
+from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
+from one_thread_arithmetic import OneThreadArithmetic
+from train_demo import (
     ExpertLoad,
-    OneThreadArithmetic,
     TrainableExperts,
     TrainingAttention,
     batches,
@@ -34,9 +38,6 @@ from k2batch.demo.train import (
     train_step,
     trainable_model,
 )
-from k2batch.model import load_model
-from k2batch.model.config import ModelConfig
-from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 
 TINY = ModelConfig.from_dict(
     dict(
@@ -248,7 +249,7 @@ def test_training_loop_with_a_shared_prefix_trains_and_exports_as_the_whole_prom
 
 
 def test_training_goes_on_from_a_checkpoint_with_its_weights_and_router_biases(tmp_path):
-    """train_model(init=...) (`k2batch train-demo --init`): a second stage starts from the first one's exported
+    """train_model(init=...) (`train_demo.py --init`): a second stage starts from the first one's exported
     bf16 weights and expert biases, not from a fresh initialization, and refuses a checkpoint of another shape."""
     g = torch.Generator().manual_seed(1)
     examples = []
@@ -282,27 +283,41 @@ def test_training_goes_on_from_a_checkpoint_with_its_weights_and_router_biases(t
 
 
 def test_train_demo_command_goes_on_from_a_checkpoint_and_records_both_runs(tmp_path):
-    """`k2batch train-demo --init`: the second run keeps the first checkpoint's tokenizer byte for byte, and its
+    """`train_demo.py --init`: the second run keeps the first checkpoint's tokenizer byte for byte, and its
     training.json (in both of its checkpoints) holds its own command line and settings and the first run's record."""
     tiny = ["--jobs", "6", "--fresh-worlds", "1", "--steps", "1", "--qat-steps", "0", "--threads", "1"]
     first, second = tmp_path / "first", tmp_path / "second"
-    cli.main(["train-demo", *tiny, "--out", str(first), "--bf16-out", f"{first}-bf16"])
-    argv = ["train-demo", *tiny, "--seed", "1", "--lr", "1e-4", "--init", f"{first}-bf16", "--out", str(second),
+    train_demo.main([*tiny, "--out", str(first), "--bf16-out", f"{first}-bf16"])
+    argv = [*tiny, "--seed", "1", "--lr", "1e-4", "--init", f"{first}-bf16", "--out", str(second),
             "--bf16-out", f"{second}-bf16"]  # fmt: skip
-    cli.main(argv)
+    train_demo.main(argv)
 
     assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
     record = json.loads((second / "training.json").read_text())
     assert record == json.loads((tmp_path / "second-bf16" / "training.json").read_text())
-    assert record["command"] == shlex.join(["k2batch", *argv]) and record["init"] == f"{first}-bf16"
+    assert record["command"] == shlex.join(["python", "workspace/training/train_demo.py", *argv])
+    assert record["init"] == f"{first}-bf16"
     assert (record["seed"], record["lr"], record["steps"], record["num_jobs"]) == (1, 1e-4, 1, 6)
     assert record["init_training"] == json.loads((first / "training.json").read_text())
     assert "init_training" not in record["init_training"] and record["init_training"]["init"] is None
-    reparsed = cli.build_parser().parse_args(shlex.split(record["command"])[1:])
+    reparsed = train_demo.build_parser().parse_args(shlex.split(record["command"])[2:])
     assert (reparsed.init, reparsed.lr, reparsed.seed) == (f"{first}-bf16", 1e-4, 1)
     # The code that trained it: this checkout's commit (the tests run from a git clone).
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert record["code"]["commit"] == head.stdout.strip() and isinstance(record["code"]["dirty"], bool)
+
+
+def test_train_demo_runs_as_the_script_the_model_card_gives(tmp_path):
+    """`python workspace/training/train_demo.py` from the repository root, as workspace/README.md runs it."""
+    out = tmp_path / "k2-demo"
+    argv = ["--jobs", "3", "--fresh-worlds", "1", "--steps", "1", "--qat-steps", "0", "--threads", "1"]
+    done = subprocess.run(
+        [sys.executable, "workspace/training/train_demo.py", *argv, "--out", str(out), "--bf16-out", f"{out}-bf16"],
+        cwd=train_demo.REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "trained in" in done.stdout and (out / "model.safetensors").exists()
+    assert load_model(out).config.n_routed_experts == 8
 
 
 def reference_attention(q, k, v, mask, scale):
@@ -315,7 +330,7 @@ def reference_attention(q, k, v, mask, scale):
 def test_fused_training_attention_equals_the_materialized_softmax(prefix):
     """TrainingAttention / SharedPrefixAttention (fused kernel with MLA's narrower v padded, max logit apart)
     give the outputs, gradients and per-head max logits of the explicit masked softmax."""
-    from k2batch.demo.train import SharedPrefixAttention
+    from train_demo import SharedPrefixAttention
 
     model = trainable_model(TINY, seed=0)
     mla = model.layers[0].self_attn
@@ -362,7 +377,7 @@ def demo_size_examples(seed: int, rows: int = 5, length: int = 835) -> list[tupl
 @pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
 def test_one_thread_arithmetic_on_two_threads_trains_to_one_threads_bits(tmp_path):
-    """`train-demo --one-thread-arithmetic`: training steps on two threads (the last in INT4 QAT) end at the
+    """`train_demo.py --one-thread-arithmetic`: training steps on two threads (the last in INT4 QAT) end at the
     parameters one thread gives, bit for bit, and export the same INT4 checkpoint."""
     config = demo_model_config(1024, eos_token_id=1, bos_token_id=0)
     runs = []
@@ -417,8 +432,6 @@ def test_the_ops_outside_one_thread_arithmetic_give_the_same_bits_on_one_and_two
 
 
 def test_one_thread_arithmetic_is_refused_off_the_cpu_before_any_data_is_built(tmp_path):
-    from k2batch.demo.train import train_demo
-
     with pytest.raises(ValueError, match="one_thread_arithmetic is a CPU setting"):
-        train_demo(tmp_path / "out", num_jobs=10, device="cuda", one_thread_arithmetic=True)
+        train_demo.train_demo(tmp_path / "out", num_jobs=10, device="cuda", one_thread_arithmetic=True)
     assert not (tmp_path / "out-data").exists() and not (tmp_path / "out").exists()

@@ -7,10 +7,11 @@ import re
 
 from k2batch.agent.tools import TOOLS
 from k2batch.config import load_config
-from k2batch.demo.data import assistant_text, episode_pieces, initial_messages, tool_runner, training_pieces
 from k2batch.demo.tasks import TASKS, gold_episode, grade, job_rows, make_jobs, traceable
 from k2batch.demo.world import corpus_table, make_world
 from k2batch.tokenizer import parse_assistant, render_chat
+
+from demo_episodes import assistant_text, episode_pieces, initial_messages, tool_runner, training_pieces
 
 
 def test_world_and_jobs_are_deterministic_from_the_seed(world):
@@ -158,7 +159,7 @@ def test_episode_pieces_are_what_the_episode_loop_renders_and_parses(world, corp
 def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
     """Training episodes over fresh worlds: real searches over their own corpora, and not one name word of the
     demo world (whose held-out entities evaluation uses) in any of them."""
-    from k2batch.demo.train import build_data
+    from train_demo import build_data
     from k2batch.demo.world import name_words
 
     demo = make_world()
@@ -180,7 +181,7 @@ def test_build_data_gives_echo_names_and_digits_to_the_fresh_worlds_only(tmp_pat
     import polars as pl
     import pytest
 
-    from k2batch.demo.train import build_data
+    from train_demo import build_data
     from k2batch.demo.world import COMPANY_SUFFIXES
 
     for option in ("echo_names", "echo_digits"):

@@ -10,13 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-# Before pipelines is imported: its ops read the settings once, when they are defined.
+# The settings overlay of every definitions the tests build (load_settings reads it).
 os.environ.setdefault("K2BATCH_DAGSTER_SETTINGS", str(Path(__file__).with_name("settings.toml")))
 
 from k2batch.engine import Engine, EngineConfig  # noqa: E402
+from pipelines.definitions import run_settings  # noqa: E402
 from pipelines.resources import EngineResource  # noqa: E402
+from pipelines.settings import load_settings  # noqa: E402
 from tests.agent.conftest import k2_checkpoint, one_torch_thread, script_first_step  # noqa: E402, F401
 from tests.agent.test_episode import CALLS  # noqa: E402
+
+RUN_SETTINGS = run_settings(load_settings())
+"""The `settings` resource of the tests' runs: configs/dagster.toml with the overlay (retries without delay)."""
 
 JOBS = pa.table({
     "job_id": ["j1", "j2", "j2", None, "j5"],
@@ -55,7 +60,7 @@ def batch_run_config(model: str, **report: Any) -> dict[str, Any]:
                 "sampling": {"temperature": 0.0, "max_new_tokens": 72},
                 "agent": {"max_steps": 3, "max_new_tokens_per_episode": 76, "tool_workers": 2},
                 "tools": {"enabled": ["calculator", "now"]},
-                "rows_per_shard": 3,
+                "shards": {"rows_per_shard": 3},
             }
         }
     }
@@ -83,7 +88,7 @@ def demo_run_config(rows_per_shard: int) -> dict[str, Any]:
         "sampling": {"temperature": demo.sampling.temperature, "max_new_tokens": demo.sampling.max_new_tokens},
         "agent": {"max_steps": demo.agent.max_steps},
         "tools": {"search_corpus": str(ensure_corpus(DEMO_CORPUS))},
-        "rows_per_shard": rows_per_shard,
+        "shards": {"rows_per_shard": rows_per_shard},
     }
     return {"ops": {"shard_plan": {"config": config}}}
 

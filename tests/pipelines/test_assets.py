@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -12,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from k2batch.cli import inspect_table
 from k2batch.engine import Engine, EngineConfig
 from pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
 from pipelines.resources import StorageResource
 from pipelines.step_outputs import StepOutputsIOManager
-from tests.pipelines.conftest import ScriptedEngine, batch_run_config, write_jobs
+from tests.pipelines.conftest import RUN_SETTINGS, ScriptedEngine, batch_run_config, write_jobs
 
 ASSETS = [shard_plan, shard_results, batch_report]
 
@@ -25,7 +27,8 @@ def materialize(root, model, instance, batch="b1", engine=None, selection=None, 
     storage = StorageResource(root=str(root))
     instance.add_dynamic_partitions(batches.name, [batch])
     resources = {
-        "storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StepOutputsIOManager(storage=storage)
+        "storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StepOutputsIOManager(storage=storage),
+        "settings": RUN_SETTINGS,
     }
     run_config = run_config or batch_run_config(model, **report)
     if selection is not None:
@@ -85,13 +88,51 @@ def test_step_outputs_are_json_in_dagsters_storage_and_nothing_of_dagsters_is_un
     assert sorted(path.name for path in root.iterdir()) == ["inputs", "outputs"]
 
 
-def test_shard_plan_lists_invalid_rows_instead_of_failing(materialized):
+def test_invalid_rows_are_listed_in_the_report_instead_of_failing(materialized):
     _, result, _ = materialized
     plan = metadata(result, "shard_plan")
-    assert plan["rows"] == 5 and plan["shards"] == 2 and plan["invalid_rows"] == 3
+    assert plan["rows"] == 5 and plan["shards"] == 2 and plan["duplicate_job_ids"] == 1
+    report = metadata(result, "batch_report")
+    assert report["invalid_rows"] == 3
     for error in ("duplicate_job_id", "missing_job_id", "unknown_tool"):
-        assert error in plan["invalid_by_error"]
-    assert "teleport" in plan["invalid_rows_first"]  # the unknown tool is named, with its file and row
+        assert f"| {error} | 1 |" in report["invalid_by_error"]
+    assert "teleport" in report["invalid_rows_first"]  # the unknown tool is named, with its file and row
+    assert "part-0.parquet | 4 |" in report["invalid_rows_first"]
+
+
+def test_rows_are_read_and_validated_once_by_the_step_that_runs_them(batch_model, tmp_path, monkeypatch):
+    """Planning reads each file in full once (a damaged one fails the plan) and validates nothing; each shard's
+    step reads its own rows and validates them once."""
+    from k2batch import records, shards
+
+    decoded, reads, validated = [], [], []
+    inspect, read_rows, validate = shards._inspect, shards.read_shard_rows, records.validate_jobs
+
+    def counted_inspect(file, options):
+        decoded.append(file.uri)
+        return inspect(file, options)
+
+    def counted_read(shard, options=None):
+        reads.append(shard.index)
+        return read_rows(shard, options)
+
+    def counted_validate(table, **checks):
+        validated.append(table.num_rows)
+        return validate(table, **checks)
+
+    monkeypatch.setattr(shards, "_inspect", counted_inspect)
+    # Wherever the pipeline's modules hold these functions.
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("k2batch", "pipelines"):
+            for attribute, original, counted in (
+                ("read_shard_rows", read_rows, counted_read), ("validate_jobs", validate, counted_validate)
+            ):
+                if getattr(module, attribute, None) is original:
+                    monkeypatch.setattr(module, attribute, counted)
+    write_jobs(tmp_path / "inputs" / "b9" / "part-0.parquet")
+    with dg.instance_for_test() as instance:
+        assert materialize(tmp_path, batch_model, instance, batch="b9").success
+    assert len(decoded) == 1 and sorted(reads) == [0, 1] and sorted(validated) == [2, 3]
 
 
 def test_each_shard_is_its_own_step(materialized):
@@ -101,13 +142,20 @@ def test_each_shard_is_its_own_step(materialized):
 
 
 def test_report_metadata_and_checks(materialized):
-    _, result, _ = materialized
+    root, result, _ = materialized
     report = metadata(result, "batch_report")
     assert report["rows"] == 5
     assert report["prompt_tokens"] > 0 and report["completion_tokens"] > 0
     assert 0 <= report["cache_hit_rate"] <= 1 and report["cached_prompt_tokens"] > 0  # steps reuse the prefix
     assert report["output_tokens_per_s"] > 0 and report["output_tokens_per_shard_s"] > 0 and report["api_cost_usd"] > 0
     assert 0 < report["run_s"] and 0 < report["shard_run_s"]
+    # The report's numbers are the batch summary's, which `k2batch inspect` shows too.
+    summary = json.loads((root / "outputs" / "b1" / "summary.json").read_text())
+    numbers = {name: value for name, value in summary.items() if isinstance(value, int | float)}
+    assert {name: report[name] for name in numbers} == numbers
+    total = inspect_table(str(root / "outputs" / "b1"), None).filter(pl.col("status") == "total").row(0, named=True)
+    assert total["jobs"] == summary["rows"] and total["cost_usd"] == summary["api_cost_usd"]
+    assert total["output_tokens_per_s"] == summary["output_tokens_per_s"]
     assert "| invalid | 3 |" in report["rows_by_status"]
     assert "█" in report["steps_per_episode"] and "█" in report["tokens_per_task"]
     assert "retrieval" in report["tasks"]
@@ -204,8 +252,8 @@ def test_bad_pass_through_types_stay_rows(batch_model, tmp_path):
     with dg.instance_for_test() as instance:
         result = materialize(tmp_path, batch_model, instance, batch="b4")
     assert result.success
-    plan = metadata(result, "shard_plan")
-    assert plan["invalid_rows"] == 2 and "wrong_type" in plan["invalid_by_error"]
+    report = metadata(result, "batch_report")
+    assert report["invalid_rows"] == 2 and "wrong_type" in report["invalid_by_error"]
     assert checks(result)[ROWS_CHECK].passed
 
 

@@ -86,41 +86,104 @@ def test_workspace_instance_has_sqlite_run_retries_and_the_gpu_pool(tmp_path, mo
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     job = build_definitions().resolve_job_def("batch_job")
     step = job.graph.node_named("shard_results").definition.node_named("run_shard").definition
-    assert step.pool == "gpu" and step.retry_policy.max_retries == load_settings().shards.max_retries
+    assert step.pool == "gpu" and step.required_resource_keys >= {"settings", "engine", "storage"}
 
 
-def test_settings_file_parses_and_env_overrides(monkeypatch):
-    monkeypatch.delenv("K2BATCH_DAGSTER_SETTINGS")
+def test_settings_are_read_when_the_definitions_are_built_not_on_import(tmp_path):
+    """Importing the modules of pipelines reads no settings; build_definitions reads them, each kind where Dagster
+    takes it: the schedule and sensor interval on the definitions, the rest as resource config."""
+    overlay = tmp_path / "settings.toml"
+    overlay.write_text(
+        '[nightly]\ncron = "0 5 * * *"\n[sensor]\nminimum_interval_s = 7\n[checks]\nmax_error_rate = 0.5\n'
+    )
+    code = (
+        "import os, pipelines.assets, pipelines.sensors, pipelines.schedules, pipelines.batch_config\n"
+        "os.environ['K2BATCH_DAGSTER_SETTINGS'] = os.environ.pop('LATER')\n"
+        "from pipelines.definitions import build_definitions\n"
+        "defs = build_definitions()\n"
+        "print(defs.resolve_schedule_def('nightly_batches').cron_schedule,"
+        " defs.resolve_sensor_def('batch_inputs').minimum_interval_seconds,"
+        " defs.resources['settings'].max_error_rate, sep='|')\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "K2BATCH_DAGSTER_SETTINGS"}
+    env["LATER"] = str(overlay)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().split("|") == ["0 5 * * *", "7", "0.5"]
+
+
+def test_environment_overrides_are_env_vars_of_the_resources(monkeypatch, tmp_path):
+    """K2BATCH_ROOT, K2BATCH_STEP_OUTPUTS and K2BATCH_CONFIG reach the resources as dg.EnvVar: the process that
+    uses a resource reads the variable, and the definitions hold only its name."""
     monkeypatch.setenv("K2BATCH_ROOT", "s3://bucket/prefix")
+    monkeypatch.setenv("K2BATCH_STEP_OUTPUTS", "s3://ops/steps")
+    (tmp_path / "batch.toml").write_text('model = "s3://models/k2"\n')
+    monkeypatch.setenv("K2BATCH_CONFIG", str(tmp_path / "batch.toml"))
+    resources = build_definitions().resources
+    assert resources["storage"].root == dg.EnvVar("K2BATCH_ROOT")
+    assert resources["io_manager"].root == dg.EnvVar("K2BATCH_STEP_OUTPUTS")
+    assert resources["settings"].batch_config == dg.EnvVar("K2BATCH_CONFIG")
+    with dg.build_resources({"settings": resources["settings"]}) as built:
+        assert built.settings.base_config().model == "s3://models/k2"
+    monkeypatch.delenv("K2BATCH_ROOT")
+    assert build_definitions().resources["storage"].root == load_settings().root
+
+
+def test_settings_file_parses():
     settings = load_settings(DAGSTER_CONFIG)
-    assert settings.root == "s3://bucket/prefix" and settings.executor == "in_process"
-    assert settings.shards.retry_delay_s > 1  # the test overlay (no delay) is gone
+    assert settings.root == "workspace/storage" and settings.executor == "in_process"
+    assert settings.shards.retry_delay_s == 0.05  # the tests' overlay (K2BATCH_DAGSTER_SETTINGS)
 
 
 def test_launchpad_defaults_are_the_cli_config():
-    assert config_hash(BatchRunConfig().batch_config()) == config_hash(load_config())
+    assert config_hash(BatchRunConfig().batch_config(load_config())) == config_hash(load_config())
 
 
 def test_launchpad_values_map_onto_batch_config():
     run = BatchRunConfig(
         model="s3://models/k2",
-        rows_per_shard=7,
+        shards={"rows_per_shard": 7},
         sampling={"temperature": 0.0, "top_p": 1.0},
-        agent={"max_steps": 5},
-        tools={"enabled": ["calculator"], "now": "2026-01-01T00:00:00Z"},
+        agent={"max_steps": 5, "hidden_tool_result_placeholder": "[hidden]"},
+        tools={"enabled": ["calculator"], "now": "2026-01-01T00:00:00Z", "python": {"allow_weaker_sandbox": True}},
         engine={"max_num_seqs": 4, "num_kv_blocks": 64},
+        tasks={"triage": "Sort the tickets."},
     )
-    config = run.batch_config()
+    default = load_config()
+    config = run.batch_config(default)
     assert (config.model, config.shards.rows_per_shard, config.sampling.temperature) == ("s3://models/k2", 7, 0.0)
     assert config.agent.max_steps == 5 and config.tools.enabled == ("calculator",)
     assert config.engine.num_kv_blocks == 64 and config.tools.now.year == 2026
-    default = load_config()
-    assert config.prices == default.prices and config.tasks == default.tasks  # not on the launchpad: unchanged
-    assert msgspec.structs.replace(config, model=default.model) != default
+    assert config.agent.hidden_tool_result_placeholder == "[hidden]" and config.tools.python.allow_weaker_sandbox
+    assert config.tools.python.wall_s == default.tools.python.wall_s  # a table's other keys stay
+    assert config.tasks == {**default.tasks, "triage": "Sort the tickets."} and config.prices == default.prices
+    assert config.sampling.top_k == default.sampling.top_k and config.engine.block_size == default.engine.block_size
 
 
-def test_launchpad_config_has_descriptions():
+def leaf_fields(config_type, path=""):
+    """(dotted key, field) of every leaf of a Dagster config schema."""
+    for name, field in config_type.fields.items():
+        if hasattr(field.config_type, "fields") and field.config_type.fields:
+            yield from leaf_fields(field.config_type, f"{path}{name}.")
+        else:
+            yield f"{path}{name}", field
+
+
+def test_launchpad_schema_has_every_key_of_the_batch_config_but_storage_with_a_description():
     schema = BatchRunConfig.to_config_schema().as_field().config_type
-    for name in ("model", "engine", "sampling", "agent", "tools", "rows_per_shard"):
+    launchpad = dict(leaf_fields(schema))
+    keys = set()
+
+    def walk(value, path):
+        for key, item in value.items():
+            if isinstance(item, dict) and path + key != "tasks":
+                walk(item, f"{path}{key}.")
+            else:
+                keys.add(path + key)
+
+    walk({k: v for k, v in msgspec.to_builtins(load_config()).items() if k != "storage"}, "")
+    assert set(launchpad) == keys
+    assert {"tools.python.allow_weaker_sandbox", "agent.hidden_tool_result_placeholder"} <= set(launchpad)
+    assert [key for key, field in launchpad.items() if not field.description] == []
+    for name in ("engine", "sampling", "tools", "shards", "tasks"):
         assert schema.fields[name].description
-    assert schema.fields["sampling"].config_type.fields["temperature"].description

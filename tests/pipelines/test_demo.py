@@ -14,12 +14,12 @@ from k2batch.demo.workspace import write_jobs
 from pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
 from pipelines.resources import EngineResource, StorageResource
 from pipelines.step_outputs import StepOutputsIOManager
-from tests.pipelines.conftest import DEMO_MODEL, demo_run_config
+from tests.pipelines.conftest import DEMO_MODEL, RUN_SETTINGS, demo_run_config
 
 JOBS = 4  # the three tasks, then retrieval again: two shards of two
 
 pytestmark = pytest.mark.skipif(
-    not (DEMO_MODEL / "config.json").exists(), reason="needs the demo model (k2batch train-demo, workspace/README.md)"
+    not (DEMO_MODEL / "config.json").exists(), reason="needs the demo model (workspace/README.md)"
 )
 
 
@@ -35,7 +35,8 @@ def demo_batch(tmp_path_factory):
             partition_key="demo",
             instance=instance,
             resources={
-                "storage": storage, "engine": EngineResource(), "io_manager": StepOutputsIOManager(storage=storage)
+                "storage": storage, "engine": EngineResource(), "io_manager": StepOutputsIOManager(storage=storage),
+                "settings": RUN_SETTINGS,
             },
             run_config=demo_run_config(rows_per_shard=2),
             raise_on_error=False,

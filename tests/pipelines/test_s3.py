@@ -16,8 +16,8 @@ from k2batch.storage import FileInfo, parquet_bytes, polars_storage_options
 from pipelines.batches import BatchInput
 from pipelines.definitions import build_definitions
 from pipelines.resources import StorageResource
-from pipelines.sensors import batch_inputs
-from tests.pipelines.conftest import JOBS, ScriptedEngine, batch_run_config
+from pipelines.sensors import inputs_sensor
+from tests.pipelines.conftest import JOBS, RUN_SETTINGS, ScriptedEngine, batch_run_config
 from tests.s3_server import s3_bucket, s3_endpoint, s3_options  # noqa: F401
 
 
@@ -46,7 +46,9 @@ def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
 
     defs = build_definitions(storage=s3_storage, engine=ScriptedEngine())
     with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, resources={"storage": s3_storage})
+        batch_inputs = inputs_sensor(minimum_interval_s=30)
+        resources = {"storage": s3_storage, "settings": RUN_SETTINGS}
+        context = dg.build_sensor_context(instance=instance, resources=resources)
         with monkeypatch.context() as patch:
             patch.setattr(s3fs.S3FileSystem, "_open", refuse_downloads)
             tick = batch_inputs(context)
@@ -69,7 +71,7 @@ def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
             tags=request.tags,
         )
         assert result.success
-        again = batch_inputs(dg.build_sensor_context(instance=instance, cursor=tick.cursor, resources={"storage": s3_storage}))
+        again = batch_inputs(dg.build_sensor_context(instance=instance, cursor=tick.cursor, resources=resources))
         assert not again.run_requests
         # Step outputs are JSON in the instance's storage directory, nothing of Dagster's is under the data root.
         stored = Path(instance.storage_directory()) / "assets" / "shard_plan" / "b1.json"

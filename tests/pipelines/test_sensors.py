@@ -14,10 +14,14 @@ from k2batch.storage import FileInfo
 from pipelines.assets import batches
 from pipelines.definitions import build_definitions
 from pipelines.resources import StorageResource
-from pipelines.schedules import nightly_batches
+from pipelines.schedules import nightly_schedule
 from pipelines.batches import list_batches
-from pipelines.sensors import RUN_KEY_TAG, InputsCursor, batch_inputs
-from tests.pipelines.conftest import write_jobs
+from pipelines.sensors import RUN_KEY_TAG, InputsCursor, inputs_sensor
+from pipelines.settings import load_settings
+from tests.pipelines.conftest import RUN_SETTINGS, write_jobs
+
+batch_inputs = inputs_sensor(minimum_interval_s=30)
+nightly_batches = nightly_schedule(load_settings().nightly)
 
 
 class Inputs:
@@ -34,9 +38,8 @@ class Inputs:
 
     def tick(self) -> dg.SensorResult:
         """One evaluation of the sensor; its requests become runs on the instance, as the daemon makes them."""
-        context = dg.build_sensor_context(
-            instance=self.instance, cursor=self.cursor, resources={"storage": StorageResource(root=str(self.root))}
-        )
+        resources = {"storage": StorageResource(root=str(self.root)), "settings": RUN_SETTINGS}
+        context = dg.build_sensor_context(instance=self.instance, cursor=self.cursor, resources=resources)
         result = batch_inputs(context)
         self.cursor = result.cursor
         for request in result.run_requests or []:
@@ -201,11 +204,10 @@ def test_nightly_schedule_skips_a_batch_still_running_from_last_night(tmp_path):
 
 
 def test_nightly_schedule_cron_and_timezone_come_from_the_settings():
-    from pipelines.settings import load_settings
-
     settings = load_settings()
-    assert nightly_batches.cron_schedule == settings.nightly.cron
-    assert nightly_batches.execution_timezone == settings.nightly.timezone
+    schedule = build_definitions(settings=settings).resolve_schedule_def("nightly_batches")
+    assert schedule.cron_schedule == settings.nightly.cron
+    assert schedule.execution_timezone == settings.nightly.timezone
 
 
 def test_names_that_cannot_be_partition_keys_are_ignored(inputs):

@@ -1,14 +1,20 @@
-"""Train the demo model: a few-million-parameter K2 (MLA with q_lora, MoE with a shared expert, noaux_tc routing)
-on the demo episodes with Muon + QK-clip and auxiliary-loss-free expert balancing, then INT4 quantization-aware
-training of the routed experts, exported in the K2 Thinking checkpoint format."""
+"""Train the demo model (workspace/models/k2-demo): a few-million-parameter K2 (MLA with q_lora, MoE with a shared
+expert, noaux_tc routing) on the demo episodes with Muon + QK-clip and auxiliary-loss-free expert balancing, then INT4
+quantization-aware training of the routed experts, exported in the K2 Thinking checkpoint format.
+
+Run from the repository root: `.venv/bin/python workspace/training/train_demo.py --seed 0` (the defaults are the
+committed checkpoint's first run; workspace/README.md gives the whole recipe)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import random
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,19 +24,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from k2batch.demo.tasks import TASKS
-from k2batch.demo.tokenizer import save_tokenizer, train_tokenizer
 from k2batch.model.config import ModelConfig
 from k2batch.model.export import save_checkpoint
 from k2batch.model.layers import MLAttention, RoutedExperts, Router
 from k2batch.model.model import K2ForCausalLM
 from kernels.int4_moe import quantize_int4
 
+from demo_episodes import training_pieces
+from demo_tokenizer import save_tokenizer, train_tokenizer
+from one_thread_arithmetic import OneThreadArithmetic
+
 log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 1024
+REPO = Path(__file__).resolve().parents[2]
+MODELS = REPO / "workspace" / "models"
+PROGRAM = ["python", "workspace/training/train_demo.py"]
+"""How training.json records the command line of a run (its arguments follow)."""
 
 
 def demo_model_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> ModelConfig:
@@ -142,60 +154,6 @@ class SharedPrefixAttention:
         out_p = fused_attention(qp, kp, vp, None, mla.scale).transpose(1, 2).reshape(p, h, -1)
         out_s = fused_attention(qs, keys, values, self.masks[1], mla.scale).transpose(1, 2).reshape(b * s, h, -1)
         return torch.cat((out_p, out_s))
-
-
-# Ops whose every output element is computed the same way however many threads share the work: matrix products and
-# the fused attention (split over rows, columns and heads, never along a sum), products and quotients (rounded once
-# whichever code computes them), maxima, and data movement. Not in it: sums with a factor (`add(alpha=)`, which
-# vectorized code may fuse), reductions, accumulating scatters, and transcendental functions, whose vectorized and
-# scalar code round differently, so a split that moves where a thread's vectorized loop ends changes bits (sigmoid on
-# 4130 x 8 router scores does). In 40 training steps of the demo model on demo episodes (2026-12-04), with every op
-# of a step (forward, backward, optimizers) run on two threads and on one with the same inputs, the router's sigmoid
-# was the only op whose bits differed.
-_aten = torch.ops.aten
-THREAD_INVARIANT_OPS = frozenset(
-    (
-        _aten.mm.default, _aten.addmm.default, _aten.bmm.default,
-        _aten._scaled_dot_product_flash_attention_for_cpu.default,
-        _aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-        _aten.mul.Tensor, _aten.mul_.Tensor, _aten.mul.Scalar, _aten.div.Tensor, _aten.div.Scalar, _aten.amax.default,
-        _aten.copy_.default, _aten.slice_backward.default, _aten.select_backward.default, _aten.new_zeros.default,
-        _aten.clone.default, _aten.cat.default, _aten.stack.default, _aten.fill_.Scalar, _aten.zero_.default,
-        _aten.masked_fill_.Scalar, _aten.index.Tensor, _aten.index_select.default, _aten.gather.default,
-        _aten.where.self, _aten.constant_pad_nd.default, _aten.embedding.default, _aten.empty.memory_format,
-        _aten.empty_strided.default, _aten.zeros.default, _aten.view.default, _aten._unsafe_view.default,
-        _aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.slice.Tensor, _aten.select.int,
-        _aten.expand.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.detach.default, _aten.alias.default,
-        _aten.split.Tensor, _aten.split_with_sizes.default, _aten.unbind.int, _aten.as_strided.default,
-    )
-)  # fmt: skip
-# a + b and a - b round once however computed; a + alpha * b may be fused in vectorized code and not in scalar code.
-_ADD_OPS = frozenset((_aten.add.Tensor, _aten.add_.Tensor, _aten.sub.Tensor))
-_POW = _aten.pow.Tensor_Scalar  # x ** 2 is x * x in both codes; other powers are transcendental
-
-
-class OneThreadArithmetic(TorchDispatchMode):
-    """The bits of a one-thread run, computed with `threads`: the ops of THREAD_INVARIANT_OPS (most of a training
-    step's time) run on all of them, every other op on one. A run under it gives the same checkpoint as the same run
-    under `torch.set_num_threads(1)` (tested), in less time."""
-
-    def __init__(self, threads: int):
-        super().__init__()
-        self.threads = threads
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (
-            func in THREAD_INVARIANT_OPS
-            or (func in _ADD_OPS and kwargs.get("alpha", 1) == 1)
-            or (func is _POW and args[1] == 2)
-        ):
-            return func(*args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return func(*args, **kwargs)
-        finally:
-            torch.set_num_threads(self.threads)
 
 
 def shared_prefix(examples, group: list[int]) -> int:
@@ -419,7 +377,8 @@ def write_generation_config(path: Path, special: dict[str, int]) -> None:
 
 
 FRESH_WORLD_SEED = 1_000_000  # fresh world i of training seed s is make_world(FRESH_WORLD_SEED + 1000 * s + i)
-# Synthesis pairs of uniformly drawn digit counts (make_jobs): 0 in run 1 of the committed recipe, 0.5 in runs 2 to 4.
+# Share of synthesis pairs whose digit counts are drawn uniformly (make_jobs): 0 from scratch; the recipe's annealing
+# runs set 0.5 (workspace/README.md).
 BALANCED_LENGTHS = 0.0
 
 
@@ -438,7 +397,6 @@ def build_data(
     the demo world: entities seldom repeat, so the model cannot answer from memory and must copy what the tools
     return, as it has to on held-out entities."""
     from k2batch.config import load_config
-    from k2batch.demo.data import training_pieces
     from k2batch.demo.tasks import make_jobs
     from k2batch.demo.world import make_world, name_words, write_corpus
 
@@ -473,11 +431,10 @@ def code_version() -> dict | None:
     """The git commit of the code that trains, and whether tracked files differed from it; None outside a git
     checkout of this repository. training.json keeps it: a run from scratch lands where the exact float arithmetic
     takes it, so the code is part of the recipe (workspace/README.md)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").exists():
+    if not (REPO / "pyproject.toml").exists():
         return None
     try:
-        git = ["git", "-C", str(root)]
+        git = ["git", "-C", str(REPO)]
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
         changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                  text=True, check=True).stdout  # fmt: skip
@@ -675,3 +632,92 @@ def train_model(
         "device": device, "init": None if init is None else str(init), "one_thread_arithmetic": one_thread_arithmetic,
         "model": model, "config": config,
     }  # fmt: skip
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated demo task kinds."""
+    from k2batch.demo.tasks import check_tasks
+
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    try:
+        check_tasks(tasks)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return tasks
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the committed checkpoint's first run (workspace/models/k2-demo/training.json
+    records every run's command)."""
+    p = argparse.ArgumentParser(
+        prog="train_demo.py", description="Train the demo model (a tiny K2) on synthetic agentic episodes"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(MODELS / "k2-demo"), help="INT4 checkpoint directory")
+    p.add_argument("--bf16-out", default=str(MODELS / "k2-demo-bf16"),
+                   help="the same weights before INT4 quantization")  # fmt: skip
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps before quantization-aware training")
+    p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
+    p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
+    p.add_argument("--fresh-worlds", type=_count, default=16,
+                   help="spread the jobs over this many fresh worlds (0: over the demo world's training entities)")
+    p.add_argument("--tasks", type=_tasks, default=TASKS,
+                   help="comma-separated task kinds the training jobs take in turn (one listed twice gets twice the "
+                        "jobs); default retrieval,draft,synthesis")  # fmt: skip
+    p.add_argument("--balanced-lengths", type=_fraction, default=0.0,
+                   help="fraction of synthesis jobs whose two values' digit counts are drawn uniformly")
+    p.add_argument("--echo-names", type=_fraction, default=0.0,
+                   help="fraction of fresh-world name words with a repeated syllable or letter (Ralolis, Finmimi)")
+    p.add_argument("--echo-digits", type=_fraction, default=0.0,
+                   help="fraction of fresh-world numbers with a repeated chunk of digits (588989, 747000)")
+    p.add_argument("--typos", type=_fraction, default=0.0,
+                   help="fraction of episodes that search for a miscopied name first and recover (no loss on the "
+                        "mistake)")  # fmt: skip
+    p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Muon and AdamW)")
+    p.add_argument("--init", help="go on training from this demo checkpoint (its weights and tokenizer)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--one-thread-arithmetic", action="store_true",
+                   help="give the bits of a --threads 1 run, using the threads where that changes none (faster)")
+    p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")
+    p.add_argument("--snapshot-every", type=int, default=0, help="also export OUT-snapshot every N steps")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="run every episode's whole prompt, not a batch's shared prefix once (same loss, slower)")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train and export as the command line says; training.json records it (PROGRAM and the arguments)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = train_demo(
+        args.out, seed=args.seed, steps=args.steps, qat_steps=args.qat_steps, num_jobs=args.jobs,
+        bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
+        qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
+        share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
+        echo_names=args.echo_names, echo_digits=args.echo_digits, typos=args.typos, lr=args.lr, init=args.init,
+        one_thread_arithmetic=args.one_thread_arithmetic, command=shlex.join([*PROGRAM, *argv]),
+    )  # fmt: skip
+    print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
