@@ -64,3 +64,24 @@ def test_constraints_leave_torch_to_torch_spec():
     spec = re.search(r"^TORCH_SPEC \?= (.+)$", makefile, re.MULTILINE)
     assert spec and "torch==" in spec.group(1)
     assert not {"torch", "triton"} & set(pins())
+
+
+def repository_text() -> dict[str, str]:
+    """Every file of the repository that git tracks or would track (not ignored), as text."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+        check=True,
+    ).stdout.splitlines()
+    return {name: (REPO / name).read_bytes().decode("utf-8", "replace") for name in listed if (REPO / name).is_file()}
+
+
+def test_nothing_in_the_repository_points_outside_it():
+    """A clone is the whole project: no file names the workspace it was developed in or a sibling folder."""
+    pointers = re.compile(r"\.\./shared|/work/(main|shared)")
+    assert [name for name, text in repository_text().items() if pointers.search(text)] == []
+
+
+def test_the_readme_links_the_design_document_it_ships():
+    readme = (REPO / "README.md").read_text()
+    linked = set(re.findall(r"\]\(([^)#]+)", readme))
+    assert "docs/DESIGN.md" in linked and all((REPO / path).exists() for path in linked)
