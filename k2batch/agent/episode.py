@@ -14,6 +14,7 @@ from k2batch.agent.tools import ToolContext, ToolRegistry, ToolResult
 from k2batch.engine import Engine, RequestOutput, SamplingParams
 from k2batch.records import Result, Status, TraceSpan
 from k2batch.tokenizer import ParsedAssistant, Tokenizer, assistant_message, parse_assistant, render_chat
+from k2batch.tokenizer.parser import THINK_BEGIN
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class _Episode:
         self.tool_results: list[tuple[Any, ToolResult, int, int] | None] = []
         self.last: ParsedAssistant | None = None
         self.result: Result | None = None
+        self.thinking = False
+        """The chat template's generation prompt opens <think>: the output starts inside the reasoning."""
 
     def span_id(self, step: int, kind: str, index: int = 0) -> str:
         return f"{self.spec.job_id}/{step}/{kind}{index}"
@@ -140,7 +143,9 @@ def run_episodes(
             fail(ep, error)
 
     def start(ep: _Episode) -> None:
-        submit_step(ep, tokenizer.encode_chat(render(tokenizer, ep.spec, ep.messages, True)), None)
+        prompt = render(tokenizer, ep.spec, ep.messages, True)
+        ep.thinking = prompt.rstrip().endswith(THINK_BEGIN)  # the template opens the reasoning itself
+        submit_step(ep, tokenizer.encode_chat(prompt), None)
 
     def collect(ep: _Episode, done: list[Future[ToolResult]]) -> None:
         for future in [f for f in done if f in ep.pending]:
@@ -177,7 +182,7 @@ def run_episodes(
 
     def on_output(ep: _Episode, out: RequestOutput) -> None:
         text = tokenizer.decode([t for t in out.token_ids if t < tokenizer.vocab_size])
-        parsed = parse_assistant(text, set(ep.spec.tools))
+        parsed = parse_assistant(text, set(ep.spec.tools), ep.thinking)
         reasoning_ids = len(tokenizer.encode(parsed.reasoning)) if parsed.reasoning else 0
         # Every step counts its whole prompt, as an API bills it; the cached part is counted separately.
         ep.prompt_tokens += len(out.prompt_ids)
@@ -238,15 +243,14 @@ def run_episodes(
         after = render(tokenizer, ep.spec, ep.messages, True)
         previous = ep.request_id
         if not after.startswith(before):
-            # The template rewrote earlier turns; the cached prefix no longer matches, so prefill it all again.
-            engine.release(previous)
-            return submit_step(ep, tokenizer.encode_chat(after), None)
+            # The template rewrote earlier turns: the new prompt is tokenized whole, and the session still gives
+            # it the KV of every token before the first one that changed.
+            return submit_step(ep, tokenizer.encode_chat(after), previous)
         prompt_ids = ep.prompt_ids + ep.step_token_ids[-1] + tokenizer.encode_chat(after[len(before) :])
         budgets = ep.spec.budgets
         if len(prompt_ids) + budgets.min_new_tokens > budgets.max_context_tokens and hide_earlier_results(ep):
-            # The prefix changed, so the cached context is of no use: the shorter prompt is prefilled anew.
-            engine.release(previous)
-            return submit_step(ep, tokenizer.encode_chat(render(tokenizer, ep.spec, ep.messages, True)), None)
+            # Earlier results became placeholders: only the tokens from the first hidden result on are prefilled.
+            return submit_step(ep, tokenizer.encode_chat(render(tokenizer, ep.spec, ep.messages, True)), previous)
         submit_step(ep, prompt_ids, previous)
 
     def hide_earlier_results(ep: _Episode) -> bool:

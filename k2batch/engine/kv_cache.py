@@ -103,14 +103,14 @@ class KVCacheManager:
         if self.cache is not None:
             self.cache.count_lookup(seq.num_computed // self.block_size, (len(seq) - 1) // self.block_size)
 
-    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow the block table to hold `num_tokens` tokens, evicting sessions (oldest first) if blocks are short;
-        False (and nothing changed but evictions) if even that is not enough."""
+    def allocate(self, seq: Sequence, num_tokens: int, evict_sessions: bool = True) -> bool:
+        """Grow the block table to hold `num_tokens` tokens, evicting sessions (oldest first) if blocks are short
+        and `evict_sessions`; False (and nothing changed but evictions) if that is not enough."""
         needed = -(-num_tokens // self.block_size) - len(seq.block_table)
         if needed <= 0:  # most decode steps: the last block has room
             return True
         while needed > self.num_allocatable:  # exact (see PrefixCache), so the loop below cannot run short
-            if not self._evict_session():
+            if not evict_sessions or not self._evict_session():
                 return False
         for _ in range(needed):
             block = self.free_blocks.popleft() if self.free_blocks else self.cache.evict()

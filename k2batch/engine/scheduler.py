@@ -91,7 +91,9 @@ class Scheduler:
             if seq.num_computed == 0:  # a continuation arrives with its session's KV
                 self.kv.match_prefix(seq)
             q_len = min(seq.num_pending, budget)
-            if not self.kv.allocate(seq, seq.num_computed + q_len):
+            # A queued request evicts waiting sessions only when nothing runs: while others run, memory comes back
+            # as they finish, and evicting a session to start another costs its whole context in recompute.
+            if not self.kv.allocate(seq, seq.num_computed + q_len, evict_sessions=not self.running and not rows):
                 self.kv.free(seq)
                 if not self.running and not rows:
                     # Nothing runs, so only queued requests can hold blocks (continuations bring their KV):

@@ -12,6 +12,7 @@ import msgspec
 
 from k2batch.agent import Budgets, EpisodeSpec, recorded_caller, registry_caller, run_episodes
 from k2batch.agent.tools import TOOLS, ToolContext, ToolResult, ToolSettings
+from k2batch.engine.prefix_cache import common_prefix_len
 from tests.agent.conftest import engine_for, script_first_step, script_steps
 
 CALLS = (
@@ -268,16 +269,59 @@ def test_context_overflow_hides_earlier_tool_results(k2_checkpoint):
         engine.add_request = lambda ids, params, **kw: prompts.append(list(ids)) or add(ids, params, **kw)
         job = spec("h", max_steps=3, max_new_tokens=80, per_episode=400, context=context)
         outcome = run_episodes(engine, engine.tokenizer, [job], long_first_results)[0]
-        return outcome, [engine.tokenizer.decode(p) for p in prompts]
+        return outcome, prompts, [engine.tokenizer.decode(p) for p in prompts]
 
-    roomy, roomy_prompts = run(4096)
+    roomy, _, roomy_prompts = run(4096)
     full = [s.input_tokens for s in roomy.spans if s.operation == "chat"][2]
-    tight, tight_prompts = run(full + 10)  # too little room for step 2 with every result shown
+    tight, ids, tight_prompts = run(full + 10)  # too little room for step 2 with every result shown
     assert "word word" in roomy_prompts[2] and "word word" not in tight_prompts[2]
     assert tight_prompts[2].count("[tool result hidden to fit the context]") == 2  # both calls of step 0
     assert tight_prompts[2].endswith("nope:1\nok<|im_end|><|im_assistant|>assistant<|im_middle|>")
     chats = [s for s in tight.spans if s.operation == "chat"]
     assert len(chats) == 3 and chats[2].input_tokens < full
+    # Step 2 continued step 1's session: the KV of every token before the first hidden result was reused, and only
+    # the tokens from there on were prefilled.
+    kept = ids[1] + chats[1].output_token_ids[:-1]
+    unchanged = common_prefix_len(kept, ids[2][:-1])
+    assert ids[2][:unchanged] == ids[1][:unchanged] and unchanged < len(ids[1])
+    assert chats[2].cached_input_tokens == unchanged > 0
+
+
+@pytest.mark.slow
+def test_a_300_step_episode_crosses_its_context_budget_again_and_again(k2_checkpoint):
+    """Every step calls a tool whose result is long; the budget has room for a few of them beside the calls. Results
+    are hidden each time the context would overflow, each such step prefills from its first changed token only
+    (the session's KV before it is reused), and the episode runs all 300 steps."""
+    steps, budget = 300, 23_000  # the calls and their placeholders alone grow the context ~70 tokens a step
+    engine = engine_for(k2_checkpoint, max_model_len=32_768, num_kv_blocks=4096)
+    tokenizer = engine.tokenizer
+    call = tokenizer.encode_chat(
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.now:0<|tool_call_argument_begin|>{}"
+        "<|tool_call_end|><|tool_calls_section_end|><|im_end|>"
+    )
+    script_steps(engine, {f":{i}": call for i in range(steps - 1)} | {f":{steps - 1}": tokenizer.encode_chat(ANSWER)})
+    prompts = []
+    add = engine.add_request
+    engine.add_request = lambda ids, params, **kw: prompts.append((list(ids), kw["continue_from"])) or add(ids, params, **kw)
+    job = spec("long", max_steps=steps, max_new_tokens=64, per_episode=steps * 64, context=budget)
+    # Room for a whole step (the call is 23 tokens) is what min_new_tokens keeps free, hiding results when short.
+    job = msgspec.structs.replace(job, budgets=msgspec.structs.replace(job.budgets, hidden_tool_result="-", min_new_tokens=64))
+    (outcome,) = run_episodes(engine, tokenizer, [job], lambda *args: ToolResult("reading " * 40))
+    result = outcome.result
+    assert (result.status, result.steps, result.tool_calls) == ("ok", steps, steps - 1), result.error_message
+    chats = [s for s in outcome.spans if s.operation == "chat"]
+    hidden_steps = 0
+    for i in range(1, steps):
+        (prompt, previous), (before, _) = prompts[i], prompts[i - 1]
+        assert previous == f"long:{i - 1}"  # every step continues the last one's session
+        kept = before + chats[i - 1].output_token_ids[:-1]
+        hidden_steps += prompt[: len(kept)] != kept
+        assert chats[i].cached_input_tokens == common_prefix_len(kept, prompt[:-1])
+        assert chats[i].input_tokens <= budget
+    assert hidden_steps >= 5  # the budget was crossed again and again (7 times here)
+    # Prefilled in all: each step's new tokens, and from the first newly hidden result on when results were hidden.
+    prefilled = sum(c.input_tokens - c.cached_input_tokens for c in chats)
+    assert prefilled < sum(c.input_tokens for c in chats) // 10
 
 
 def test_episodes_finish_when_the_cache_cannot_hold_every_waiting_session(k2_checkpoint):
@@ -303,3 +347,22 @@ def test_episodes_finish_when_the_cache_cannot_hold_every_waiting_session(k2_che
     assert [chat_ids(o) for o in outcomes] == [chat_ids(o) for o in expected]
     assert tight.stats.prefill_tokens > roomy.stats.prefill_tokens  # what was evicted was computed again
     assert not tight.kv.sessions
+
+
+def test_a_template_that_opens_think_makes_the_first_words_reasoning(k2_checkpoint):
+    """The checkpoint's template ends the generation prompt in <think>: the model's words up to the tool-call
+    section are its reasoning, not content, though it never writes the tag."""
+    from importlib.resources import files
+
+    engine = engine_for(k2_checkpoint)
+    builtin = files("k2batch.tokenizer").joinpath("k2_thinking.jinja").read_text()
+    prompt = "<|im_assistant|>assistant<|im_middle|>\n{%- endif -%}"
+    assert prompt in builtin
+    engine.tokenizer.chat_template = builtin.replace(prompt, "<|im_assistant|>assistant<|im_middle|><think>\n{%- endif -%}")
+    tokenizer = engine.tokenizer
+    calls = CALLS.removeprefix("<think>add them</think>")
+    script_steps(engine, {":0": tokenizer.encode_chat("add them" + calls), ":1": tokenizer.encode_chat("it is five</think>5.<|im_end|>")})
+    (outcome,) = run_episodes(engine, tokenizer, [spec("t", per_episode=400)], caller(["t"]))
+    chats = [s for s in outcome.spans if s.operation == "chat"]
+    assert (chats[0].reasoning_content, chats[0].content) == ("add them", "")
+    assert (outcome.result.status, outcome.result.answer, outcome.result.reasoning) == ("ok", "5.", "it is five")
