@@ -97,7 +97,7 @@ class Scheduler:
                 self.kv.free(seq)
                 if not self.running and not rows:
                     # Nothing runs, so only queued requests can hold blocks (continuations bring their KV):
-                    # take those back, head of the queue first. If the whole cache is free, it cannot fit.
+                    # take all of those back and try again. If the whole cache is free, it cannot fit.
                     if self._reclaim_waiting():
                         continue
                     self.waiting.popleft()
