@@ -206,10 +206,10 @@ def test_one_failing_episode_ends_alone_with_status_error(k2_checkpoint, monkeyp
 
     parse = episode.parse_assistant
 
-    def parse_or_break(text, tools):
+    def parse_or_break(text, tools, *args):
         if "now" not in tools:  # only parse-bug's episode has no `now` tool
             raise ValueError("parser broke")
-        return parse(text, tools)
+        return parse(text, tools, *args)
 
     monkeypatch.setattr(episode, "parse_assistant", parse_or_break)
     specs = [spec(j, per_episode=400) for j in ["ok1", "tool-bug", "ok2"]]
