@@ -14,6 +14,7 @@ from k2batch.model.config import ModelConfig
 from k2batch.model.export import random_model, save_checkpoint
 from k2batch.model.loader import scan_tensors
 from k2batch.storage import filesystem
+from tests.engine.test_step import _drain
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
 CONFIG = dict(
@@ -148,12 +149,3 @@ def _alive(pid):
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie child is dead
         return f.read().split(") ")[-1][0] != "Z"
-
-
-def _drain(engine, limit=2000):
-    outs = []
-    for _ in range(limit):
-        if not engine.has_unfinished():
-            return outs
-        outs.extend(engine.step())
-    raise AssertionError("the engine did not finish its requests")
