@@ -40,7 +40,7 @@ demo: install
 
 # The Dagster UI and daemon (sensor, schedule, run queue) on the embedded default: http://127.0.0.1:3000
 dagster: install
-	DAGSTER_HOME=$(CURDIR)/workspace/dagster_home $(VENV)/bin/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000
+	DAGSTER_HOME=$(CURDIR)/workspace/dagster_home $(VENV)/bin/dagster dev -m k2batch.pipelines.definitions -h 127.0.0.1 -p 3000
 
 # After upgrading a dependency in .venv and passing `make test`: pin the new set (all but torch and triton).
 constraints:

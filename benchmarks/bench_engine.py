@@ -34,7 +34,7 @@ from k2batch.model import load_model
 from k2batch.model.config import ModelConfig
 from k2batch.model.export import random_model
 from k2batch.model.layers import Router
-from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
+from k2batch.kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 
 K2_SHAPED = dict(
     vocab_size=16384, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256, num_hidden_layers=8,

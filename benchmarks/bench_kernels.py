@@ -86,7 +86,7 @@ def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_moe(device, copy_bw, matmul_rate, smoke) -> list[Row]:
-    from kernels.int4_moe import Int4Weight, fused_moe_grouped_reference, fused_moe_triton
+    from k2batch.kernels.int4_moe import Int4Weight, fused_moe_grouped_reference, fused_moe_triton
 
     shape = SMOKE_MOE if smoke else K2_MOE
     e, k, h, i = shape["experts"], shape["top_k"], shape["hidden"], shape["inter"]
@@ -120,7 +120,7 @@ def bench_moe(device, copy_bw, matmul_rate, smoke) -> list[Row]:
 
 
 def bench_mla(device, copy_bw, matmul_rate, smoke) -> list[Row]:
-    from kernels.mla_decode import mla_decode_reference, mla_decode_triton
+    from k2batch.kernels.mla_decode import mla_decode_reference, mla_decode_triton
 
     shape = SMOKE_MLA if smoke else K2_MLA
     heads, latent, rope = shape["heads"], shape["latent"], shape["rope"]
@@ -168,7 +168,7 @@ MOE_PREFILL_CANDIDATES = [  # (block_m, block_n, block_k, warps, stages)
 
 def tune_moe(device, copy_bw, matmul_rate) -> list[dict]:
     """Each expert GEMM alone (gate/up, down) over candidate launch shapes, per case; the best per case."""
-    from kernels.int4_moe import (
+    from k2batch.kernels.int4_moe import (
         GemmConfig, Int4Weight, _block_m, align_tokens_to_experts, default_config, expert_down, expert_gate_up,
     )  # fmt: skip
 
@@ -230,7 +230,7 @@ def tune_moe(device, copy_bw, matmul_rate) -> list[dict]:
 
 def tune_mla(device, copy_bw) -> list[dict]:
     """Launch shapes of the split kernel on three cases, then the smallest split on the small batches."""
-    from kernels.mla_decode import mla_decode_triton
+    from k2batch.kernels.mla_decode import mla_decode_triton
 
     heads, latent, rope = K2_MLA["heads"], K2_MLA["latent"], K2_MLA["rope"]
     dim = latent + rope

@@ -14,7 +14,7 @@ import torch
 from k2batch import storage
 from k2batch.engine.model_runner import kv_block_bytes
 from k2batch.model.config import ModelConfig
-from kernels.int4_moe import GROUP_SIZE, PACK_FACTOR
+from k2batch.kernels.int4_moe import GROUP_SIZE, PACK_FACTOR
 
 GIB = 2**30
 

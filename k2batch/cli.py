@@ -10,8 +10,17 @@ from pathlib import Path
 
 import polars as pl
 
-WORKSPACE = Path(__file__).resolve().parent.parent / "workspace"
-DEMO_CONFIG = WORKSPACE.parent / "configs" / "demo.toml"
+from k2batch import configs
+
+
+def _workspace() -> Path:
+    """The checkout's workspace/ (demo model, corpus, storage) when k2batch runs from its checkout, else ./workspace."""
+    checkout = Path(__file__).resolve().parents[1] / "workspace"
+    return checkout if checkout.is_dir() else Path.cwd() / "workspace"
+
+
+WORKSPACE = _workspace()
+DEMO_CONFIG = configs.path("demo.toml")
 DEMO_JOBS = 300
 
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import msgspec
 
+from k2batch import configs
 from k2batch.engine.config import EngineConfig
 from k2batch.records import MAX_SEED
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+DEFAULT_CONFIG = configs.path("default.toml")
 # Credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), where s3fs and polars both find them. Option
 # names are compared in lower case with "-" as "_", at every nesting level (client_kwargs, per-protocol tables).
 SECRET_OPTIONS = frozenset(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.interpreter import check_launch, dot, dot_precision, interpreted
+from k2batch.kernels.interpreter import check_launch, dot, dot_precision, interpreted
 
 GROUP_SIZE = 32
 PACK_FACTOR = 8  # int4 values per int32 word

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.interpreter import check_launch, dot, dot_precision, interpreted
+from k2batch.kernels.interpreter import check_launch, dot, dot_precision, interpreted
 
 
 def mla_decode_reference(

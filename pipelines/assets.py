@@ -30,10 +30,10 @@ from k2batch.shards import (
     summary_uri,
 )
 from k2batch.storage import read_json
-from pipelines import report
-from pipelines.batch_config import BatchRunConfig
-from pipelines.batches import inputs_uri, list_batches, outputs_uri
-from pipelines.resources import EngineResource, RunSettings, StorageResource
+from k2batch.pipelines import report
+from k2batch.pipelines.batch_config import BatchRunConfig
+from k2batch.pipelines.batches import inputs_uri, list_batches, outputs_uri
+from k2batch.pipelines.resources import EngineResource, RunSettings, StorageResource
 
 GROUP = "batch"
 ROWS_CHECK = "rows_in_equals_rows_out"

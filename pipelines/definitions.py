@@ -1,4 +1,4 @@
-"""The Dagster definitions: `dagster dev -m pipelines.definitions` (or dagster-webserver, or a k8s code location)."""
+"""The Dagster definitions: `dagster dev -m k2batch.pipelines.definitions` (or dagster-webserver, or a k8s code location)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from typing import Any
 import dagster as dg
 import yaml
 
+from k2batch import configs
 from k2batch.config import ConfigError, load_config
-from pipelines.assets import batch_job, batch_report, shard_plan, shard_results
-from pipelines.resources import EngineResource, RunSettings, StorageResource
-from pipelines.schedules import nightly_schedule
-from pipelines.sensors import inputs_sensor
-from pipelines.settings import EXECUTORS, Executor, PipelineSettings, load_settings
-from pipelines.step_outputs import StepOutputsIOManager
+from k2batch.pipelines.assets import batch_job, batch_report, shard_plan, shard_results
+from k2batch.pipelines.resources import EngineResource, RunSettings, StorageResource
+from k2batch.pipelines.schedules import nightly_schedule
+from k2batch.pipelines.sensors import inputs_sensor
+from k2batch.pipelines.settings import EXECUTORS, Executor, PipelineSettings, load_settings
+from k2batch.pipelines.step_outputs import StepOutputsIOManager
 
-K8S_EXECUTOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster-k8s" / "executor.yaml"
+K8S_EXECUTOR_CONFIG = configs.path("dagster-k8s/executor.yaml")
 CREDENTIALS = (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN"))
 
 

@@ -15,9 +15,10 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
+from k2batch import configs
 from k2batch.config import ConfigError
 
-DAGSTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dagster.toml"
+DAGSTER_CONFIG = configs.path("dagster.toml")
 Executor = Literal["in_process", "multiprocess", "k8s"]
 EXECUTORS: tuple[str, ...] = get_args(Executor)
 

@@ -9,8 +9,8 @@ import msgspec
 from pydantic import Field, PrivateAttr
 
 from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
-from pipelines.assets import BatchPlan, ShardOutcome, ShardTask
-from pipelines.resources import StorageResource
+from k2batch.pipelines.assets import BatchPlan, ShardOutcome, ShardTask
+from k2batch.pipelines.resources import StorageResource
 
 _GLOB = re.compile(r"[\[\]*?]+")
 # Every type a step hands to another, by the name stored beside the value. Decoding builds exactly these.

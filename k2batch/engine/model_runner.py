@@ -11,7 +11,7 @@ from k2batch.engine.sampler import sample
 from k2batch.model import K2ForCausalLM
 from k2batch.model.config import ModelConfig
 from k2batch.model.layers import MLAttention
-from kernels.mla_decode import mla_decode
+from k2batch.kernels.mla_decode import mla_decode
 
 
 def kv_block_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int) -> int:

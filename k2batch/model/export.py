@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from k2batch.model.config import ModelConfig
 from k2batch.model.model import K2ForCausalLM
-from kernels.int4_moe import pack_int4, quantize_int4
+from k2batch.kernels.int4_moe import pack_int4, quantize_int4
 
 INT4_QUANTIZATION_CONFIG = {
     "quant_method": "compressed-tensors",

@@ -10,7 +10,7 @@ from torch import nn
 
 from k2batch.model.config import ModelConfig
 from k2batch.model.rope import RotaryEmbedding, softmax_scale
-from kernels.int4_moe import PACK_FACTOR, ExpertWeights, Int4Weight, fused_moe
+from k2batch.kernels.int4_moe import PACK_FACTOR, ExpertWeights, Int4Weight, fused_moe
 
 
 class RMSNorm(nn.Module):

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from k2batch.model.config import ModelConfig
 from k2batch.model.model import K2ForCausalLM
 from k2batch.storage import filesystem
-from kernels.int4_moe import unpack_int4
+from k2batch.kernels.int4_moe import unpack_int4
 
 log = logging.getLogger(__name__)
 

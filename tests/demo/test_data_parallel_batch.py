@@ -13,7 +13,7 @@ from k2batch import cli
 from k2batch.demo.workspace import ensure_corpus, write_jobs
 
 DEMO = Path(cli.WORKSPACE) / "models" / "k2-demo"
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
+DEMO_CONFIG = cli.DEMO_CONFIG
 
 pytestmark = pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="no committed demo model")
 

@@ -18,7 +18,7 @@ import torch
 import train_demo
 from k2batch.model import load_model
 from k2batch.model.config import ModelConfig
-from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
+from k2batch.kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 from one_thread_arithmetic import OneThreadArithmetic
 from train_demo import (
     ExpertLoad,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.int4_moe import (
+from k2batch.kernels.int4_moe import (
     Int4Weight,
     align_tokens_to_experts,
     expert_down,

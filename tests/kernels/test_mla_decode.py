@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton
+from k2batch.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton
 
 # Max |kernel - reference| over max |reference|, the reference in fp32 on the same inputs; bf16 and fp16 round the
 # softmax probabilities to the cache dtype for the value dot (bf16: and the interpreter truncates).

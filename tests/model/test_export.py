@@ -5,7 +5,7 @@ import torch
 from k2batch.model import load_model
 from k2batch.model.config import ModelConfig
 from k2batch.model.export import random_model, save_checkpoint
-from kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
+from k2batch.kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 
 CONFIG = ModelConfig.from_dict(dict(
     model_type="kimi_k2", vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,

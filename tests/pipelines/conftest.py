@@ -13,10 +13,11 @@ import pytest
 # The settings overlay of every definitions the tests build (load_settings reads it).
 os.environ.setdefault("K2BATCH_DAGSTER_SETTINGS", str(Path(__file__).with_name("settings.toml")))
 
+from k2batch import configs  # noqa: E402
 from k2batch.engine import Engine, EngineConfig  # noqa: E402
-from pipelines.definitions import run_settings  # noqa: E402
-from pipelines.resources import EngineResource  # noqa: E402
-from pipelines.settings import load_settings  # noqa: E402
+from k2batch.pipelines.definitions import run_settings  # noqa: E402
+from k2batch.pipelines.resources import EngineResource  # noqa: E402
+from k2batch.pipelines.settings import load_settings  # noqa: E402
 from tests.agent.conftest import k2_checkpoint, one_torch_thread, script_first_step  # noqa: E402, F401
 from tests.agent.test_episode import CALLS  # noqa: E402
 
@@ -71,7 +72,7 @@ def batch_run_config(model: str, **report: Any) -> dict[str, Any]:
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "workspace" / "models" / "k2-demo"
-DEMO_CONFIG = REPO / "configs" / "demo.toml"
+DEMO_CONFIG = configs.path("demo.toml")
 DEMO_CORPUS = REPO / "workspace" / "data" / "corpus.parquet"
 
 

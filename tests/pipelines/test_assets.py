@@ -15,9 +15,9 @@ import pytest
 
 from k2batch.cli import inspect_table
 from k2batch.engine import Engine, EngineConfig
-from pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
-from pipelines.resources import StorageResource
-from pipelines.step_outputs import StepOutputsIOManager
+from k2batch.pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
+from k2batch.pipelines.resources import StorageResource
+from k2batch.pipelines.step_outputs import StepOutputsIOManager
 from tests.pipelines.conftest import RUN_SETTINGS, ScriptedEngine, batch_run_config, write_jobs
 
 ASSETS = [shard_plan, shard_results, batch_report]

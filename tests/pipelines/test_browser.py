@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 import yaml
 
-from pipelines.assets import batches
+from k2batch.pipelines.assets import batches
 from tests.pipelines.conftest import JOBS, write_jobs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def webserver(tmp_path, batch_model, monkeypatch):
     webserver = str(Path(sys.executable).with_name("dagster-webserver"))
     log = (tmp_path / "webserver.log").open("wb")
     process = subprocess.Popen(
-        [webserver, "-m", "pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        [webserver, "-m", "k2batch.pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -150,7 +150,7 @@ def test_materialize_a_batch_from_the_ui(webserver, tmp_path):
             # button before the next action.
             skip = page.get_by_role("button", name="Skip")
             page.add_locator_handler(skip, lambda: skip.click())
-            page.goto(f"{url}/locations/pipelines.definitions/jobs/batch_job")
+            page.goto(f"{url}/locations/k2batch.pipelines.definitions/jobs/batch_job")
             page.get_by_role("button", name="Materialize all…").click(timeout=60_000)
             choose_partition(page, "ui-batch")
             page.keyboard.press("Escape")

@@ -18,18 +18,18 @@ from dagster._core.instance.config import dagster_instance_config
 from dagster_k8s import K8sRunLauncher, k8s_job_executor
 
 from k2batch.config import config_hash, load_config
-from pipelines.batch_config import BatchRunConfig
-from pipelines.definitions import K8S_EXECUTOR_CONFIG, build_definitions
-from pipelines.settings import DAGSTER_CONFIG, load_settings
+from k2batch.pipelines.batch_config import BatchRunConfig
+from k2batch.pipelines.definitions import K8S_EXECUTOR_CONFIG, build_definitions
+from k2batch.pipelines.settings import DAGSTER_CONFIG, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
 
 def validate_definitions(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    """`dagster definitions validate -m pipelines.definitions`: loads the code location as dagster dev does."""
+    """`dagster definitions validate -m k2batch.pipelines.definitions`: loads the code location as dagster dev does."""
     return subprocess.run(
-        [DAGSTER, "definitions", "validate", "-m", "pipelines.definitions"],
+        [DAGSTER, "definitions", "validate", "-m", "k2batch.pipelines.definitions"],
         cwd=REPO,
         env={**os.environ, "DAGSTER_HOME": str(tmp_path), **env},
         capture_output=True,
@@ -97,9 +97,9 @@ def test_settings_are_read_when_the_definitions_are_built_not_on_import(tmp_path
         '[nightly]\ncron = "0 5 * * *"\n[sensor]\nminimum_interval_s = 7\n[checks]\nmax_error_rate = 0.5\n'
     )
     code = (
-        "import os, pipelines.assets, pipelines.sensors, pipelines.schedules, pipelines.batch_config\n"
+        "import os, k2batch.pipelines.assets, k2batch.pipelines.sensors, k2batch.pipelines.schedules, k2batch.pipelines.batch_config\n"
         "os.environ['K2BATCH_DAGSTER_SETTINGS'] = os.environ.pop('LATER')\n"
-        "from pipelines.definitions import build_definitions\n"
+        "from k2batch.pipelines.definitions import build_definitions\n"
         "defs = build_definitions()\n"
         "print(defs.resolve_schedule_def('nightly_batches').cron_schedule,"
         " defs.resolve_sensor_def('batch_inputs').minimum_interval_seconds,"

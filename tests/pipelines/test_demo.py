@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from k2batch.demo.workspace import write_jobs
-from pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
-from pipelines.resources import EngineResource, StorageResource
-from pipelines.step_outputs import StepOutputsIOManager
+from k2batch.pipelines.assets import ERROR_RATE_CHECK, ROWS_CHECK, batch_report, batches, shard_plan, shard_results
+from k2batch.pipelines.resources import EngineResource, StorageResource
+from k2batch.pipelines.step_outputs import StepOutputsIOManager
 from tests.pipelines.conftest import DEMO_MODEL, RUN_SETTINGS, demo_run_config
 
 JOBS = 4  # the three tasks, then retrieval again: two shards of two

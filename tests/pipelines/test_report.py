@@ -7,7 +7,7 @@ import pytest
 
 from k2batch.config import load_config
 from k2batch.metrics import BatchSummary
-from pipelines import report
+from k2batch.pipelines import report
 
 FIGURES = {
     "rows": 4,

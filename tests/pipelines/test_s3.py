@@ -13,10 +13,10 @@ import pytest
 import s3fs
 
 from k2batch.storage import FileInfo, parquet_bytes, polars_storage_options
-from pipelines.batches import BatchInput
-from pipelines.definitions import build_definitions
-from pipelines.resources import StorageResource
-from pipelines.sensors import inputs_sensor
+from k2batch.pipelines.batches import BatchInput
+from k2batch.pipelines.definitions import build_definitions
+from k2batch.pipelines.resources import StorageResource
+from k2batch.pipelines.sensors import inputs_sensor
 from tests.pipelines.conftest import JOBS, RUN_SETTINGS, ScriptedEngine, batch_run_config
 from tests.s3_server import s3_bucket, s3_endpoint, s3_options  # noqa: F401
 

@@ -11,13 +11,13 @@ import pytest
 from dagster._core.test_utils import create_run_for_test
 
 from k2batch.storage import FileInfo
-from pipelines.assets import batches
-from pipelines.definitions import build_definitions
-from pipelines.resources import StorageResource
-from pipelines.schedules import nightly_schedule
-from pipelines.batches import list_batches
-from pipelines.sensors import RUN_KEY_TAG, InputsCursor, inputs_sensor
-from pipelines.settings import load_settings
+from k2batch.pipelines.assets import batches
+from k2batch.pipelines.definitions import build_definitions
+from k2batch.pipelines.resources import StorageResource
+from k2batch.pipelines.schedules import nightly_schedule
+from k2batch.pipelines.batches import list_batches
+from k2batch.pipelines.sensors import RUN_KEY_TAG, InputsCursor, inputs_sensor
+from k2batch.pipelines.settings import load_settings
 from tests.pipelines.conftest import RUN_SETTINGS, write_jobs
 
 batch_inputs = inputs_sensor(minimum_interval_s=30)

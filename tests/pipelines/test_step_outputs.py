@@ -13,9 +13,9 @@ import pytest
 
 from k2batch.config import load_config
 from k2batch.shards import new_manifest, plan_shards
-from pipelines.assets import BatchPlan, ShardOutcome, ShardTask
-from pipelines.resources import StorageResource
-from pipelines.step_outputs import StepOutputsIOManager
+from k2batch.pipelines.assets import BatchPlan, ShardOutcome, ShardTask
+from k2batch.pipelines.resources import StorageResource
+from k2batch.pipelines.step_outputs import StepOutputsIOManager
 from tests.pipelines.conftest import write_jobs
 
 

@@ -30,7 +30,7 @@ from k2batch.model.config import ModelConfig
 from k2batch.model.export import save_checkpoint
 from k2batch.model.layers import MLAttention, RoutedExperts, Router
 from k2batch.model.model import K2ForCausalLM
-from kernels.int4_moe import quantize_int4
+from k2batch.kernels.int4_moe import quantize_int4
 
 from demo_episodes import training_pieces
 from demo_tokenizer import save_tokenizer, train_tokenizer
@@ -61,7 +61,7 @@ def demo_model_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> 
 
 
 def fake_quant_int4(w: torch.Tensor) -> torch.Tensor:
-    """The values the INT4 checkpoint will hold (kernels.int4_moe's quantizer, products rounded in the scale
+    """The values the INT4 checkpoint will hold (k2batch.kernels.int4_moe's quantizer, products rounded in the scale
     dtype as unpack_int4 does), with a straight-through gradient."""
     q, scale = quantize_int4(w.detach())
     deq = (q.to(scale.dtype).unflatten(-1, (-1, 32)) * scale.unsqueeze(-1)).flatten(-2).to(w.dtype)
