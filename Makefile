@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0 triton==3.7.1
 # The tested versions of every other dependency (constraints.txt; `make constraints` writes it from .venv).
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install install-test test test-fast demo dagster constraints clean
+.PHONY: install install-test test test-fast lint format demo dagster constraints clean
 
 # The product: the package with its s3 and dagster extras, and bubblewrap for the python tool's sandbox.
 install: $(VENV)/.installed
@@ -34,6 +34,15 @@ test: install-test
 
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff, configured in pyproject.toml: the lint rules and the formatter's check (CI runs this before the tests).
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 demo: install
 	$(VENV)/bin/k2batch demo

@@ -28,22 +28,41 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from k2batch.engine import Engine, EngineConfig, SamplingParams
-from k2batch.engine.prefix_cache import common_prefix_len
 from k2batch.engine.model_runner import PagedAttention
+from k2batch.engine.prefix_cache import common_prefix_len
+from k2batch.kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 from k2batch.model import load_model
 from k2batch.model.config import ModelConfig
 from k2batch.model.export import random_model
 from k2batch.model.layers import Router
-from k2batch.kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 
 K2_SHAPED = dict(
-    vocab_size=16384, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256, num_hidden_layers=8,
-    num_attention_heads=8, num_key_value_heads=8, n_shared_experts=1, n_routed_experts=64, kv_lora_rank=128,
-    q_lora_rank=192, qk_rope_head_dim=32, v_head_dim=64, qk_nope_head_dim=64, n_group=1, topk_group=1,
-    num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.827,
-    max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-    bos_token_id=0, eos_token_id=1, pad_token_id=2,
-)  # fmt: skip
+    vocab_size=16384,
+    hidden_size=512,
+    intermediate_size=1408,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    n_shared_experts=1,
+    n_routed_experts=64,
+    kv_lora_rank=128,
+    q_lora_rank=192,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    qk_nope_head_dim=64,
+    n_group=1,
+    topk_group=1,
+    num_experts_per_tok=6,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.827,
+    max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+)
 
 
 def build_checkpoint(path: Path):
@@ -53,7 +72,7 @@ def build_checkpoint(path: Path):
     torch.manual_seed(0)
     hf = DeepseekV3ForCausalLM(DeepseekV3Config(**K2_SHAPED)).eval()
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.dim() >= 2:
                 p.normal_(0, p.shape[-1] ** -0.5)
     hf.save_pretrained(path)
@@ -72,10 +91,15 @@ def build_checkpoint(path: Path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["model_type"] = "kimi_k2"
     cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
-    }  # fmt: skip
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+            }
+        },
+    }
     (path / "config.json").write_text(json.dumps(cfg))
     inter = K2_SHAPED["moe_intermediate_size"]
     with torch.no_grad():  # transformers sees exactly the dequantized INT4 values
@@ -86,7 +110,9 @@ def build_checkpoint(path: Path):
             if proj == "down_proj":
                 experts.down_proj[e] = w
             else:
-                experts.gate_up_proj[e, (0 if proj == "gate_proj" else inter) : (inter if proj == "gate_proj" else 2 * inter)] = w
+                experts.gate_up_proj[
+                    e, (0 if proj == "gate_proj" else inter) : (inter if proj == "gate_proj" else 2 * inter)
+                ] = w
     return hf
 
 
@@ -118,8 +144,14 @@ def run_transformers(hf, prompts: list[list[int]], new_tokens: int, batch_size: 
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, pad_token_id=pad)  # fmt: skip
+            out = hf.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
         outputs.extend(out[:, width:].tolist())
     return time.perf_counter() - start, outputs
 
@@ -146,18 +178,37 @@ def divergence(model, prompt: list[int], got: list[int], ref: list[int], index: 
             h.remove()
     best = int(logits.argmax())
     side = "engine" if best == got[at] else "transformers" if best == ref[at] else "neither"
-    return (f"request {index}: first differs at output token {at} (engine {got[at]}, transformers {ref[at]}); "
-            f"logit gap {abs(logits[got[at]] - logits[ref[at]]).item():.2e} of scale {logits.abs().mean().item():.2e}, "
-            f"the lone forward agrees with {side}; smallest expert top-k margin {min(margins):.1e}")  # fmt: skip
+    return (
+        f"request {index}: first differs at output token {at} (engine {got[at]}, transformers {ref[at]}); "
+        f"logit gap {abs(logits[got[at]] - logits[ref[at]]).item():.2e} of scale {logits.abs().mean().item():.2e}, "
+        f"the lone forward agrees with {side}; smallest expert top-k margin {min(margins):.1e}"
+    )
 
 
 TINY = dict(
-    model_type="kimi_k2", vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-    num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-    qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-    topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827, max_position_embeddings=4096,
-    eos_token_id=1, rope_theta=50000.0,
-)  # fmt: skip
+    model_type="kimi_k2",
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=16,
+    v_head_dim=16,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.827,
+    max_position_embeddings=4096,
+    eos_token_id=1,
+    rope_theta=50000.0,
+)
 
 
 def _median(values: list[float]) -> float:
@@ -198,8 +249,10 @@ def report_step_overhead(slots: int, steps: int) -> None:
         ("sampled", SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=steps + 8, ignore_eos=True)),
     ]:
         step, forward = step_overhead(slots, steps, params)
-        print(f"step overhead, {slots} decode slots, {name:7s}: engine step {step * 1e3:6.2f} ms, bare forward "
-              f"{forward * 1e3:6.2f} ms, ratio {step / forward:.2f}x (tiny model, threads {torch.get_num_threads()})")  # fmt: skip
+        print(
+            f"step overhead, {slots} decode slots, {name:7s}: engine step {step * 1e3:6.2f} ms, bare forward "
+            f"{forward * 1e3:6.2f} ms, ratio {step / forward:.2f}x (tiny model, threads {torch.get_num_threads()})"
+        )
 
 
 def main() -> None:
@@ -235,8 +288,10 @@ def main() -> None:
     assert sum(len(o.token_ids) for o in outputs) == out_tokens
     same = sum(o.token_ids == ref for o, ref in zip(outputs, hf_outputs))
 
-    print(f"requests {args.requests}, new tokens {args.new_tokens}, prompt tokens {sum(map(len, prompts))}, "
-          f"distinct prompt tokens {distinct}, threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"requests {args.requests}, new tokens {args.new_tokens}, prompt tokens {sum(map(len, prompts))}, "
+        f"distinct prompt tokens {distinct}, threads {torch.get_num_threads()}"
+    )
     print(f"transformers generate (batch {args.hf_batch}): {hf_s:8.1f} s  {out_tokens / hf_s:8.1f} output tok/s")
     print(f"k2batch engine ({args.slots} slots):       {engine_s:8.1f} s  {out_tokens / engine_s:8.1f} output tok/s")
     print(f"ratio engine / transformers: {hf_s / engine_s:.2f}x")
@@ -245,8 +300,10 @@ def main() -> None:
         if o.token_ids != ref:
             print("  " + divergence(model, prompts[i], o.token_ids, ref, i))
     extra = engine.stats.prefill_tokens / distinct - 1
-    print(f"engine prefill tokens {engine.stats.prefill_tokens} vs distinct {distinct}: {extra:+.1%} "
-          f"(cached {engine.stats.cached_tokens}, prefix-cache hits {engine.prefix_cache_stats()})")  # fmt: skip
+    print(
+        f"engine prefill tokens {engine.stats.prefill_tokens} vs distinct {distinct}: {extra:+.1%} "
+        f"(cached {engine.stats.cached_tokens}, prefix-cache hits {engine.prefix_cache_stats()})"
+    )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Measures, in the same run, the device copy bandwidth (a large device-to-device copy) and the bf16 matmul rate
 (an 8192^3 torch.mm), then for each case prints the Triton kernel's time, achieved HBM bandwidth and TFLOP/s, their
 fractions of those peaks, the torch baseline's time (dequantize the touched experts, then bf16 grouped matmuls;
-gathered fp32 attention) with the speedup, and the kernel's max error against it. Bytes count what must move at least: the
-touched experts' packed weights and scales plus activations in and out; the cached latents plus q and out.
+gathered fp32 attention) with the speedup, and the kernel's max error against it. Bytes count what must move at
+least: the touched experts' packed weights and scales plus activations in and out; the cached latents plus q and out.
 
     python benchmarks/bench_kernels.py                            # CUDA: K2 shapes, decode batch 1-512, prefill
     python benchmarks/bench_kernels.py --json benchmarks/results/kernels_h100.json
@@ -114,8 +114,20 @@ def bench_moe(device, copy_bw, matmul_rate, smoke) -> list[Row]:
         moved = touched * expert_bytes + 2 * x.numel() * x.element_size()
         flops = 2 * m * k * 3 * h * i
         target = "bw>=75%" if phase == "decode" else "mm>=50%"
-        rows.append(row("moe", f"{phase} M={m} experts={touched}", seconds, moved, flops, copy_bw, matmul_rate,
-                        target, ref_seconds, max_rel_err(out, ref)))  # fmt: skip
+        rows.append(
+            row(
+                "moe",
+                f"{phase} M={m} experts={touched}",
+                seconds,
+                moved,
+                flops,
+                copy_bw,
+                matmul_rate,
+                target,
+                ref_seconds,
+                max_rel_err(out, ref),
+            )
+        )
     return rows
 
 
@@ -145,8 +157,20 @@ def bench_mla(device, copy_bw, matmul_rate, smoke) -> list[Row]:
             ref_seconds = measure(lambda: mla_decode_reference(*args), device)
         moved = batch * context * dim * 2 + q.numel() * 2 + out.numel() * 2
         flops = 2 * batch * heads * context * (dim + latent)
-        rows.append(row("mla", f"decode B={batch} T={context}", seconds, moved, flops, copy_bw, matmul_rate,
-                        "bw>=75%", ref_seconds, err))  # fmt: skip
+        rows.append(
+            row(
+                "mla",
+                f"decode B={batch} T={context}",
+                seconds,
+                moved,
+                flops,
+                copy_bw,
+                matmul_rate,
+                "bw>=75%",
+                ref_seconds,
+                err,
+            )
+        )
     return rows
 
 
@@ -156,21 +180,37 @@ def measure_quick(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median") / 1e3
 
 
-MOE_DECODE_CANDIDATES = [
-    (bn, bk, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4, 5)
-] + [(64, 128, 8, 4), (128, 128, 8, 4), (128, 256, 8, 3)]
+MOE_DECODE_CANDIDATES = [(bn, bk, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4, 5)] + [
+    (64, 128, 8, 4),
+    (128, 128, 8, 4),
+    (128, 256, 8, 3),
+]
 MOE_PREFILL_CANDIDATES = [  # (block_m, block_n, block_k, warps, stages)
-    (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-    (128, 64, 64, 4, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-    (128, 128, 32, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+    (64, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (64, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (128, 64, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 4),
+    (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3),
 ]
 
 
 def tune_moe(device, copy_bw, matmul_rate) -> list[dict]:
     """Each expert GEMM alone (gate/up, down) over candidate launch shapes, per case; the best per case."""
     from k2batch.kernels.int4_moe import (
-        GemmConfig, Int4Weight, _block_m, align_tokens_to_experts, default_config, expert_down, expert_gate_up,
-    )  # fmt: skip
+        GemmConfig,
+        Int4Weight,
+        _block_m,
+        align_tokens_to_experts,
+        default_config,
+        expert_down,
+        expert_gate_up,
+    )
 
     e, k, h, i = (K2_MOE[x] for x in ("experts", "top_k", "hidden", "inter"))
     torch.manual_seed(0)
@@ -180,7 +220,9 @@ def tune_moe(device, copy_bw, matmul_rate) -> list[dict]:
         return Int4Weight(words, (torch.rand(e, rows, cols // 32, device=device) * 0.02 + 0.01).to(torch.bfloat16))
 
     w13, w2 = packed(2 * i, h), packed(h, i)
-    per_expert = {name: w.packed[0].numel() * 4 + w.scale[0].numel() * 2 for name, w in (("gate_up", w13), ("down", w2))}
+    per_expert = {
+        name: w.packed[0].numel() * 4 + w.scale[0].numel() * 2 for name, w in (("gate_up", w13), ("down", w2))
+    }
     results = []
     for phase, m in [("decode", m) for m in MOE_DECODE] + [("prefill", m) for m in MOE_PREFILL]:
         x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
@@ -216,15 +258,25 @@ def tune_moe(device, copy_bw, matmul_rate) -> list[dict]:
             moved = touched * per_expert[gemm] + (m * h * 2 if gemm == "gate_up" else m * k * i * 2)
             flops = 2 * m * k * (2 if gemm == "gate_up" else 1) * h * i
             result = dict(
-                case=f"{phase} M={m}", gemm=gemm, block_m=bm, block_n=config.block_n, block_k=config.block_k,
-                num_warps=config.num_warps, num_stages=config.num_stages, ms=seconds * 1e3,
-                default_ms=default_s * 1e3, pct_copy_bw=100 * moved / seconds / copy_bw,
+                case=f"{phase} M={m}",
+                gemm=gemm,
+                block_m=bm,
+                block_n=config.block_n,
+                block_k=config.block_k,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+                ms=seconds * 1e3,
+                default_ms=default_s * 1e3,
+                pct_copy_bw=100 * moved / seconds / copy_bw,
                 pct_matmul=100 * flops / seconds / matmul_rate,
-            )  # fmt: skip
+            )
             results.append(result)
-            print(f"moe {result['case']:<16} {gemm:<8} best bm={bm} bn={config.block_n} bk={config.block_k} "
-                  f"w={config.num_warps} s={config.num_stages}: {seconds * 1e3:.3f} ms (default {default_s * 1e3:.3f}) "
-                  f"{result['pct_copy_bw']:.1f}% copy {result['pct_matmul']:.1f}% mm", flush=True)  # fmt: skip
+            print(
+                f"moe {result['case']:<16} {gemm:<8} best bm={bm} bn={config.block_n} bk={config.block_k} "
+                f"w={config.num_warps} s={config.num_stages}: {seconds * 1e3:.3f} ms (default {default_s * 1e3:.3f}) "
+                f"{result['pct_copy_bw']:.1f}% copy {result['pct_matmul']:.1f}% mm",
+                flush=True,
+            )
     return results
 
 
@@ -257,18 +309,39 @@ def tune_mla(device, copy_bw) -> list[dict]:
                 print(f"  skip mla B={batch} T={context} {(bn, st, w)}: {type(exc).__name__}")
         default_s = measure_quick(lambda: mla_decode_triton(*args))
         seconds, bn, st, w = min(timed)
-        results.append(dict(case=f"B={batch} T={context}", block_n=bn, num_stages=st, num_warps=w, ms=seconds * 1e3,
-                            default_ms=default_s * 1e3, pct_copy_bw=100 * moved / seconds / copy_bw))  # fmt: skip
-        print(f"mla B={batch} T={context}: best block_n={bn} stages={st} warps={w} {seconds * 1e3:.3f} ms "
-              f"(default {default_s * 1e3:.3f}) {100 * moved / seconds / copy_bw:.1f}% copy", flush=True)  # fmt: skip
+        results.append(
+            dict(
+                case=f"B={batch} T={context}",
+                block_n=bn,
+                num_stages=st,
+                num_warps=w,
+                ms=seconds * 1e3,
+                default_ms=default_s * 1e3,
+                pct_copy_bw=100 * moved / seconds / copy_bw,
+            )
+        )
+        print(
+            f"mla B={batch} T={context}: best block_n={bn} stages={st} warps={w} {seconds * 1e3:.3f} ms "
+            f"(default {default_s * 1e3:.3f}) {100 * moved / seconds / copy_bw:.1f}% copy",
+            flush=True,
+        )
     for batch, context in [(1, 1024), (1, 8192), (8, 1024), (8, 8192), (32, 1024)]:
         args, moved = inputs(batch, context)
         for min_split in (32, 64, 128, 256, 512):
             seconds = measure_quick(lambda: mla_decode_triton(*args, min_split=min_split))
-            results.append(dict(case=f"B={batch} T={context}", min_split=min_split, ms=seconds * 1e3,
-                                pct_copy_bw=100 * moved / seconds / copy_bw))  # fmt: skip
-            print(f"mla B={batch} T={context} min_split={min_split}: {seconds * 1e3:.4f} ms "
-                  f"{100 * moved / seconds / copy_bw:.1f}% copy", flush=True)  # fmt: skip
+            results.append(
+                dict(
+                    case=f"B={batch} T={context}",
+                    min_split=min_split,
+                    ms=seconds * 1e3,
+                    pct_copy_bw=100 * moved / seconds / copy_bw,
+                )
+            )
+            print(
+                f"mla B={batch} T={context} min_split={min_split}: {seconds * 1e3:.4f} ms "
+                f"{100 * moved / seconds / copy_bw:.1f}% copy",
+                flush=True,
+            )
     return results
 
 
@@ -289,14 +362,18 @@ def row(kernel, case, seconds, moved, flops, copy_bw, matmul_rate, target, ref_s
 
 
 def print_rows(rows: list[Row]) -> None:
-    print(f"{'kernel':<5} {'case':<28} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'%copy':>6} {'%mm':>6} {'target':>8} "
-          f"{'ref ms':>9} {'speedup':>8} {'max err':>8}")  # fmt: skip
+    print(
+        f"{'kernel':<5} {'case':<28} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'%copy':>6} {'%mm':>6} {'target':>8} "
+        f"{'ref ms':>9} {'speedup':>8} {'max err':>8}"
+    )
     for r in rows:
         ref = "-" if r.reference_ms is None else f"{r.reference_ms:9.3f}"
         speedup = "-" if r.speedup is None else f"{r.speedup:7.1f}x"
         err = "-" if r.max_rel_err is None else f"{r.max_rel_err:8.1e}"
-        print(f"{r.kernel:<5} {r.case:<28} {r.ms:9.3f} {r.gb_s:8.1f} {r.tflop_s:8.2f} {r.pct_copy_bw:5.1f}% "
-              f"{r.pct_matmul:5.1f}% {r.target:>8} {ref:>9} {speedup:>8} {err:>8}")  # fmt: skip
+        print(
+            f"{r.kernel:<5} {r.case:<28} {r.ms:9.3f} {r.gb_s:8.1f} {r.tflop_s:8.2f} {r.pct_copy_bw:5.1f}% "
+            f"{r.pct_matmul:5.1f}% {r.target:>8} {ref:>9} {speedup:>8} {err:>8}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,7 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     print_rows(rows)
     if args.json:
         peaks = {"device": name, "copy_gb_s": copy_bw / 1e9, "bf16_matmul_tflop_s": matmul_rate / 1e12}
-        args.json.write_text(json.dumps({**peaks, "rows": [asdict(r) for r in rows], "tuning": tuning}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({**peaks, "rows": [asdict(r) for r in rows], "tuning": tuning}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ from tokenizers import Tokenizer
 # The training recipe lives beside the model it trains, as a script and its modules.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workspace" / "training"))
 
-import train_demo as train  # noqa: E402
-from one_thread_arithmetic import OneThreadArithmetic  # noqa: E402
-from train_demo import (  # noqa: E402
-    ExpertLoad,
+import train_demo as train
+from one_thread_arithmetic import OneThreadArithmetic
+from train_demo import (
     VOCAB_SIZE,
+    ExpertLoad,
     batches,
     build_data,
     demo_model_config,
@@ -65,7 +65,9 @@ class MaterializedPrefixAttention(train.SharedPrefixAttention):
             self.masks = causal[:p, :p], torch.cat((causal.new_ones(s, p), causal[:s, :s]), dim=1)
         logits_p = ((qp @ kp.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[0], float("-inf"))
         logits_s = ((qs @ keys.transpose(-1, -2)) * mla.scale).masked_fill(~self.masks[1], float("-inf"))
-        self.max_logits[layer] = torch.maximum(logits_p.detach().amax(dim=(0, 2, 3)), logits_s.detach().amax(dim=(0, 2, 3)))
+        self.max_logits[layer] = torch.maximum(
+            logits_p.detach().amax(dim=(0, 2, 3)), logits_s.detach().amax(dim=(0, 2, 3))
+        )
         out_p = (logits_p.softmax(-1) @ vp).transpose(1, 2).reshape(p, h, -1)
         out_s = (logits_s.softmax(-1) @ values).transpose(1, 2).reshape(b * s, h, -1)
         return torch.cat((out_p, out_s))
@@ -121,16 +123,18 @@ def main() -> None:
                 seconds.append(time.perf_counter() - started)
             losses.append(record["loss"])
 
-    (before, (model_0, _, _, seconds_0, losses_0)), (after, (model_1, _, _, seconds_1, losses_1)) = list(
-        sides.items()
-    )[:2]
+    (before, (model_0, _, _, seconds_0, losses_0)), (after, (model_1, _, _, seconds_1, losses_1)) = list(sides.items())[
+        :2
+    ]
     first_loss = (losses_0[0], losses_1[0])
     assert abs(first_loss[0] - first_loss[1]) <= 1e-4 * abs(first_loss[0]), first_loss
     # (episodes, padded length, shared prefix) of each batch: the tokens each side's forward runs.
     shapes = [(len(g), max(len(examples[i][0]) for i in g), shared_prefix(examples, g)) for g in groups]
     prefix = statistics.mean(p for _, _, p in shapes)
-    print(f"{args.steps} steps a side, {args.threads} threads, {statistics.mean(len(g) for g in groups):.1f} episodes "
-          f"a batch, shared prefix {prefix:.0f} tokens on average")  # fmt: skip
+    print(
+        f"{args.steps} steps a side, {args.threads} threads, {statistics.mean(len(g) for g in groups):.1f} episodes "
+        f"a batch, shared prefix {prefix:.0f} tokens on average"
+    )
     print(f"first-step loss: {before} {first_loss[0]:.6f}, {after} {first_loss[1]:.6f}")
     print(f"last loss:       {before} {losses_0[-1]:.4f}, {after} {losses_1[-1]:.4f}")
     if args.compare == "prefix":
@@ -140,13 +144,18 @@ def main() -> None:
     t0, t1 = statistics.median(seconds_0), statistics.median(seconds_1)
     print(f"seconds a step (median): {before} {t0:.3f}, {after} {t1:.3f}; speedup {t0 / t1:.2f}x")
     if args.compare == "threads":
-        same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+        def same(a, b):
+            return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
         assert same(model_0, model_1), f"{after} did not give one thread's parameters"
         model_2, _, _, seconds_2, _ = sides[names[2]]
         t2 = statistics.median(seconds_2)
-        print(f"after {args.steps + 1} steps the parameters of {before} and {after} are the same, bit for bit; "
-              f"{names[2]} ({t2:.3f} s a step, {t0 / t2:.2f}x one thread's speed) "
-              f"{'gives them too' if same(model_0, model_2) else 'does not'}")
+        print(
+            f"after {args.steps + 1} steps the parameters of {before} and {after} are the same, bit for bit; "
+            f"{names[2]} ({t2:.3f} s a step, {t0 / t2:.2f}x one thread's speed) "
+            f"{'gives them too' if same(model_0, model_2) else 'does not'}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,12 @@ def main() -> None:
     parser.add_argument("--bf16-model", default=str(ROOT / "workspace" / "models" / "k2-demo-bf16"))
     parser.add_argument("--jobs-per-task", type=int, default=100)
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
-    parser.add_argument("--seed", type=int, default=EVAL_SEED,
-                        help=f"seed of the held-out jobs (default {EVAL_SEED}; the demo batch's is 2025)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=EVAL_SEED,
+        help=f"seed of the held-out jobs (default {EVAL_SEED}; the demo batch's is 2025)",
+    )
     parser.add_argument("--misses", action="store_true", help="print every wrong or untraceable answer")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -78,8 +82,11 @@ def main() -> None:
             started = time.perf_counter()
             run_batch(str(inputs.parent), str(output), config)
             figures[name] = {**scores(output), "wall_s": round(time.perf_counter() - started, 1)}
-            print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in figures[name].items()), flush=True)  # fmt: skip
+            print(
+                f"{name}: "
+                + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures[name].items()),
+                flush=True,
+            )
             if args.misses:
                 print_misses(output)
 

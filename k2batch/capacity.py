@@ -13,48 +13,91 @@ import torch
 
 from k2batch import storage
 from k2batch.engine.model_runner import kv_block_bytes
-from k2batch.model.config import ModelConfig
 from k2batch.kernels.int4_moe import GROUP_SIZE, PACK_FACTOR
+from k2batch.model.config import ModelConfig
 
 GIB = 2**30
 
 # Kimi K2 Thinking's config.json (moonshotai/Kimi-K2-Thinking), for planning without a download. Its
 # quantization_config packs the routed experts only: attention, shared experts, dense MLP and lm_head are ignored.
 KIMI_K2_THINKING: dict[str, Any] = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "torch_dtype": "bfloat16",
-    "vocab_size": 163840, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61, "first_k_dense_replace": 1, "num_attention_heads": 64, "num_key_value_heads": 64,
-    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1,
-    "norm_topk_prob": True, "routed_scaling_factor": 2.827, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-    "rms_norm_eps": 1e-5, "max_position_embeddings": 262144, "rope_theta": 50000.0,
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "kimi_k2",
+    "torch_dtype": "bfloat16",
+    "vocab_size": 163840,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 384,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.827,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 262144,
+    "rope_theta": 50000.0,
     "rope_scaling": {
-        "type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
-        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "type": "yarn",
+        "factor": 64.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 1.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
     },
-    "tie_word_embeddings": False, "bos_token_id": 163584, "eos_token_id": 163586,
+    "tie_word_embeddings": False,
+    "bos_token_id": 163584,
+    "eos_token_id": 163586,
     "quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
-                "targets": ["Linear"], "input_activations": None, "output_activations": None,
+                "targets": ["Linear"],
+                "input_activations": None,
+                "output_activations": None,
                 "weights": {
-                    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
-                    "dynamic": False, "actorder": None, "observer": "minmax",
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": 32,
+                    "dynamic": False,
+                    "actorder": None,
+                    "observer": "minmax",
                 },
             },
         },
         "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
         "kv_cache_scheme": None,
     },
-}  # fmt: skip
+}
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {"kimi-k2-thinking": KIMI_K2_THINKING}
 
 ROLES = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "embeddings", "norms")
 ROLE_LABELS = {
-    "attention": "attention (MLA)", "dense_mlp": "dense MLP layers", "shared_experts": "shared experts",
-    "routed_experts": "routed experts", "router": "router", "embeddings": "embeddings + lm_head", "norms": "norms",
-}  # fmt: skip
+    "attention": "attention (MLA)",
+    "dense_mlp": "dense MLP layers",
+    "shared_experts": "shared experts",
+    "routed_experts": "routed experts",
+    "router": "router",
+    "embeddings": "embeddings + lm_head",
+    "norms": "norms",
+}
 
 
 class PlanError(ValueError):
@@ -140,8 +183,9 @@ def read_model_config(source: str, storage_options: Mapping[str, Any] | None = N
         raise PlanError(f"{uri}: {e}") from None
 
 
-def weight_tensors(config: ModelConfig, dtype: torch.dtype, int4_scale_dtype: torch.dtype = torch.bfloat16
-                   ) -> list[WeightTensor]:  # fmt: skip
+def weight_tensors(
+    config: ModelConfig, dtype: torch.dtype, int4_scale_dtype: torch.dtype = torch.bfloat16
+) -> list[WeightTensor]:
     """Every tensor K2ForCausalLM holds once loaded, as the loader builds it: floating weights in `dtype`, the
     router's correction bias in float32, routed experts stacked per layer and, for a compressed-tensors INT4
     checkpoint, packed (int32 words [E, out, in/8] and `int4_scale_dtype` scales [E, out, in/32]). Block-FP8
@@ -269,10 +313,16 @@ def plan_capacity(
         blocks = max(0, usable - weights) // block_bytes
         tokens = blocks * block_size
         return LayoutPlan(
-            name=name, description=description, weight_bytes_per_rank=per_rank, weights_per_rank=weights,
-            kv_cache_bytes_per_rank=blocks * block_bytes, kv_tokens_per_rank=tokens, kv_tokens_total=tokens * kv_ranks,
-            episodes=(tokens // episode_tokens) * kv_ranks, fits=weights < usable and blocks > 0,
-        )  # fmt: skip
+            name=name,
+            description=description,
+            weight_bytes_per_rank=per_rank,
+            weights_per_rank=weights,
+            kv_cache_bytes_per_rank=blocks * block_bytes,
+            kv_tokens_per_rank=tokens,
+            kv_tokens_total=tokens * kv_ranks,
+            episodes=(tokens // episode_tokens) * kv_ranks,
+            fits=weights < usable and blocks > 0,
+        )
 
     layouts = [
         layout(
@@ -310,11 +360,21 @@ def plan_capacity(
         "q_a_proj, kv_a_proj_with_mqa, norms and router whole on every rank",
     ]
     return CapacityPlan(
-        model=model, gpus=gpus, gpu_memory_bytes=memory, memory_utilization=memory_utilization, reserve_bytes=reserve,
-        usable_bytes_per_rank=usable, dtype=dtype_name, int4_scale_dtype=scale_name, block_size=block_size,
-        episode_tokens=episode_tokens, kv_bytes_per_token=kv_block_bytes(config, dtype, 1),
-        weight_bytes=bytes_by_role(tensors), layouts=layouts, assumptions=assumptions,
-    )  # fmt: skip
+        model=model,
+        gpus=gpus,
+        gpu_memory_bytes=memory,
+        memory_utilization=memory_utilization,
+        reserve_bytes=reserve,
+        usable_bytes_per_rank=usable,
+        dtype=dtype_name,
+        int4_scale_dtype=scale_name,
+        block_size=block_size,
+        episode_tokens=episode_tokens,
+        kv_bytes_per_token=kv_block_bytes(config, dtype, 1),
+        weight_bytes=bytes_by_role(tensors),
+        layouts=layouts,
+        assumptions=assumptions,
+    )
 
 
 def _gib(nbytes: int) -> str:
@@ -328,9 +388,13 @@ def format_plan(plan: CapacityPlan) -> str:
     rows: list[tuple[str, ...]] = [("weights per rank, GiB", "", "", "")]
     for role in ROLES:
         rows.append(
-            (f"  {ROLE_LABELS[role]}", _gib(plan.weight_bytes[role]), _gib(dp.weight_bytes_per_rank[role]),
-             _gib(tp.weight_bytes_per_rank[role]))
-        )  # fmt: skip
+            (
+                f"  {ROLE_LABELS[role]}",
+                _gib(plan.weight_bytes[role]),
+                _gib(dp.weight_bytes_per_rank[role]),
+                _gib(tp.weight_bytes_per_rank[role]),
+            )
+        )
     rows += [
         ("  total", _gib(sum(plan.weight_bytes.values())), _gib(dp.weights_per_rank), _gib(tp.weights_per_rank)),
         ("KV cache per rank, GiB", "", _gib(dp.kv_cache_bytes_per_rank), _gib(tp.kv_cache_bytes_per_rank)),

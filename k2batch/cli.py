@@ -52,12 +52,18 @@ def demo(args: argparse.Namespace) -> None:
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
         print(inspect_table(str(output), args.config))
     grades = scores(output)
-    print("correct answers: " + ", ".join(f"{k.removeprefix('accuracy_')} {v:.1%}" for k, v in grades.items()
-                                          if k.startswith("accuracy_")))  # fmt: skip
-    print(f"tool-call format valid in {grades['format_valid']:.1%} of {grades['steps']} steps; "
-          f"answers traceable to a tool result: {grades['traceable']:.1%}")  # fmt: skip
-    print(f"look inside: k2batch inspect {output} --config configs/demo.toml; "
-          f"k2batch replay {output} --job demo-00000 --config configs/demo.toml")  # fmt: skip
+    print(
+        "correct answers: "
+        + ", ".join(f"{k.removeprefix('accuracy_')} {v:.1%}" for k, v in grades.items() if k.startswith("accuracy_"))
+    )
+    print(
+        f"tool-call format valid in {grades['format_valid']:.1%} of {grades['steps']} steps; "
+        f"answers traceable to a tool result: {grades['traceable']:.1%}"
+    )
+    print(
+        f"look inside: k2batch inspect {output} --config configs/demo.toml; "
+        f"k2batch replay {output} --job demo-00000 --config configs/demo.toml"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -106,8 +112,10 @@ def replay(args: argparse.Namespace) -> None:
 
     report = replay_job(args.output, args.job, load_config(args.config))
     for step in report.steps:
-        print(f"step {step.step}: {step.recorded_tokens} recorded, {step.replayed_tokens} replayed tokens, "
-              f"{'same ids' if step.same else 'DIFFERENT ids'}")  # fmt: skip
+        print(
+            f"step {step.step}: {step.recorded_tokens} recorded, {step.replayed_tokens} replayed tokens, "
+            f"{'same ids' if step.same else 'DIFFERENT ids'}"
+        )
     print(f"status {report.recorded_status} -> {report.replayed_status}: {'match' if report.matches else 'MISMATCH'}")
     if not report.matches:
         raise SystemExit(1)
@@ -125,10 +133,17 @@ def plan(args: argparse.Namespace) -> None:
     try:
         name, config = read_model_config(args.model, options)
         result = plan_capacity(
-            config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib, memory_utilization=args.memory_utilization,
-            reserve_gib=args.reserve_gib, episode_tokens=args.episode_tokens, dtype=getattr(torch, args.dtype),
-            int4_scale_dtype=getattr(torch, args.int4_scale_dtype), block_size=args.block_size, model=name,
-        )  # fmt: skip
+            config,
+            gpus=args.gpus,
+            gpu_memory_gib=args.gpu_memory_gib,
+            memory_utilization=args.memory_utilization,
+            reserve_gib=args.reserve_gib,
+            episode_tokens=args.episode_tokens,
+            dtype=getattr(torch, args.dtype),
+            int4_scale_dtype=getattr(torch, args.int4_scale_dtype),
+            block_size=args.block_size,
+            model=name,
+        )
     except PlanError as error:
         print(f"k2batch: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -148,21 +163,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML overlaying configs/default.toml")
     p.set_defaults(func=run)
     p = sub.add_parser("plan", help="weights, KV cache and episodes per GPU for a model on N GPUs (no weights needed)")
-    p.add_argument("--model", required=True,
-                   help="checkpoint directory, its config.json (local or fsspec URI), or a built-in name: "
-                        "kimi-k2-thinking")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory, its config.json (local or fsspec URI), or a built-in name: kimi-k2-thinking",
+    )
     p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) of one engine")
-    p.add_argument("--gpu-memory-gib", type=float, required=True,
-                   help="memory of one GPU as CUDA reports it, GiB (H200: 139.8, H100 80GB: 79.1)")
-    p.add_argument("--memory-utilization", type=float, default=0.9,
-                   help="fraction of a GPU's memory for weights and KV cache, like vLLM's gpu_memory_utilization")
-    p.add_argument("--reserve-gib", type=float, default=0.0,
-                   help="GiB per GPU held back on top of that (activations, CUDA graphs, communication buffers)")
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        required=True,
+        help="memory of one GPU as CUDA reports it, GiB (H200: 139.8, H100 80GB: 79.1)",
+    )
+    p.add_argument(
+        "--memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of a GPU's memory for weights and KV cache, like vLLM's gpu_memory_utilization",
+    )
+    p.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=0.0,
+        help="GiB per GPU held back on top of that (activations, CUDA graphs, communication buffers)",
+    )
     p.add_argument("--episode-tokens", type=int, default=65536, help="tokens of one episode's context")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="weights other than INT4 experts, and the KV cache")
-    p.add_argument("--int4-scale-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="dtype of the INT4 experts' group scales in the checkpoint (bfloat16 in K2 Thinking)")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="weights other than INT4 experts, and the KV cache",
+    )
+    p.add_argument(
+        "--int4-scale-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="dtype of the INT4 experts' group scales in the checkpoint (bfloat16 in K2 Thinking)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block ([engine] block_size)")
     p.add_argument("--config", help="TOML whose [storage] options reach a checkpoint on object storage")
     p.add_argument("--json", action="store_true", help="the plan as JSON (bytes, tokens) instead of a table")

@@ -6,7 +6,6 @@ import hashlib
 import os
 import tomllib
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,11 +19,23 @@ DEFAULT_CONFIG = configs.path("default.toml")
 # names are compared in lower case with "-" as "_", at every nesting level (client_kwargs, per-protocol tables).
 SECRET_OPTIONS = frozenset(
     {
-        "key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-        "session_token", "access_key", "secret_key", "account_key", "sas_token", "client_secret",
-        "connection_string", "credentials",
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "session_token",
+        "access_key",
+        "secret_key",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "connection_string",
+        "credentials",
     }
-)  # fmt: skip
+)
 
 
 class ConfigError(Exception):

@@ -74,9 +74,10 @@ def api_cost(prices: PricesConfig) -> pl.Expr:
     """Per results row: US dollars its tokens would cost at the API's list prices (cached input is cheaper)."""
     uncached = pl.col("prompt_tokens") - pl.col("cached_prompt_tokens")
     return (
-        uncached * prices.input + pl.col("cached_prompt_tokens") * prices.cached_input
+        uncached * prices.input
+        + pl.col("cached_prompt_tokens") * prices.cached_input
         + pl.col("completion_tokens") * prices.output
-    ) / 1e6  # fmt: skip
+    ) / 1e6
 
 
 def figures_by(results: pl.LazyFrame, prices: PricesConfig, *keys: str) -> pl.LazyFrame:
@@ -159,7 +160,11 @@ def write_summary(
     outputs/{batch}/summary.json."""
     summary = msgspec.structs.replace(
         summarize(output_uri, config.prices, config.storage.options),
-        shards=shards, model=config.model, config_hash=config_hash(config), engine=engine, ranks=ranks,
-    )  # fmt: skip
+        shards=shards,
+        model=config.model,
+        config_hash=config_hash(config),
+        engine=engine,
+        ranks=ranks,
+    )
     write_json_atomic(summary_uri(output_uri), summary, config.storage.options)
     return summary

@@ -16,9 +16,18 @@ STATUSES: tuple[str, ...] = get_args(Status)
 Operation = Literal["chat", "execute_tool"]
 
 JOB_COLUMNS = (
-    "job_id", "task", "prompt", "messages", "system", "tools",
-    "max_steps", "max_new_tokens", "temperature", "top_p", "seed",
-)  # fmt: skip
+    "job_id",
+    "task",
+    "prompt",
+    "messages",
+    "system",
+    "tools",
+    "max_steps",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+)
 # Added by the shard reader (k2batch.shards): where a row came from, and where its job_id first occurred.
 SOURCE_COLUMN = "_source"
 ROW_COLUMN = "_row"
@@ -454,9 +463,10 @@ def validate_jobs(
             unknown = sorted(set(tools) - set(known_tools))
             if unknown:
                 problems.add(
-                    row, "unknown_tool",
+                    row,
+                    "unknown_tool",
                     f"unknown tools {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known_tools))}",
-                )  # fmt: skip
+                )
 
         for name, value, ok, expected in (
             ("max_steps", max_steps[row], lambda v: v >= 1, "at least 1"),

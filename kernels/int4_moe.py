@@ -205,9 +205,16 @@ def _count_kernel(ids_ptr, counts_ptr, numel, BLOCK: tl.constexpr):
 
 @triton.jit
 def _layout_kernel(
-    counts_ptr, cursor_ptr, expert_end_ptr, block_expert_ptr, num_experts, max_blocks,
-    BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, BLOCKS: tl.constexpr,
-):  # fmt: skip
+    counts_ptr,
+    cursor_ptr,
+    expert_end_ptr,
+    block_expert_ptr,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
     e = tl.arange(0, EXPERTS)
     e_ok = e < num_experts
     counts = tl.load(counts_ptr + e, mask=e_ok, other=0)
@@ -255,9 +262,16 @@ def align_tokens_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: i
     grid = (triton.cdiv(numel, 1024),)
     _count_kernel[grid](ids, counts, numel, BLOCK=1024)
     _layout_kernel[(1,)](
-        counts, cursor, blocks.expert_end, blocks.block_expert, num_experts, max_blocks,
-        BLOCK_M=block_m, EXPERTS=triton.next_power_of_2(num_experts), BLOCKS=64,
-    )  # fmt: skip
+        counts,
+        cursor,
+        blocks.expert_end,
+        blocks.block_expert,
+        num_experts,
+        max_blocks,
+        BLOCK_M=block_m,
+        EXPERTS=triton.next_power_of_2(num_experts),
+        BLOCKS=64,
+    )
     _scatter_kernel[grid](ids, cursor, blocks.sorted_ids, numel, BLOCK=1024)
     return blocks
 
@@ -286,14 +300,30 @@ def _dequantize(words, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT
 
 @triton.jit
 def _expert_gemm_kernel(
-    a_ptr, packed_ptr, scale_ptr, out_ptr, router_weight_ptr,
-    sorted_ids_ptr, block_expert_ptr, expert_end_ptr,
-    N, K, max_blocks,
-    stride_packed_e, stride_packed_n, stride_scale_e, stride_scale_n,
-    GATE_UP: tl.constexpr, A_ROW_DIV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    packed_ptr,
+    scale_ptr,
+    out_ptr,
+    router_weight_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    expert_end_ptr,
+    N,
+    K,
+    max_blocks,
+    stride_packed_e,
+    stride_packed_n,
+    stride_scale_e,
+    stride_scale_n,
+    GATE_UP: tl.constexpr,
+    A_ROW_DIV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One [BLOCK_M assignments x BLOCK_N outputs] tile of one expert's INT4 GEMM.
 
     GATE_UP: out[id, n] = silu(gate_n . a[id // top_k]) * (up_n . a[id // top_k]), up rows N below the gate rows;
@@ -318,13 +348,17 @@ def _expert_gemm_kernel(
     k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (ids // A_ROW_DIV)[:, None] * K + k[None, :]
     packed_ptrs = (
-        packed_ptr + expert.to(tl.int64) * stride_packed_e + n[:, None] * stride_packed_n
+        packed_ptr
+        + expert.to(tl.int64) * stride_packed_e
+        + n[:, None] * stride_packed_n
         + tl.arange(0, BLOCK_K // 8)[None, :]
-    )  # fmt: skip
+    )
     scale_ptrs = (
-        scale_ptr + expert.to(tl.int64) * stride_scale_e + n[:, None] * stride_scale_n
+        scale_ptr
+        + expert.to(tl.int64) * stride_scale_e
+        + n[:, None] * stride_scale_n
         + tl.arange(0, BLOCK_K // 32)[None, :]
-    )  # fmt: skip
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K, BLOCK_K):
@@ -393,15 +427,32 @@ def _expert_gemm(
     max_blocks = blocks.block_expert.numel()
     grid = (max_blocks * triton.cdiv(n, config.block_n),)
     _expert_gemm_kernel[grid](
-        a, w.packed, w.scale, out, out if router_weights is None else router_weights,
-        blocks.sorted_ids, blocks.block_expert, blocks.expert_end,
-        n, k, max_blocks,
-        w.packed.stride(0), w.packed.stride(1), w.scale.stride(0), w.scale.stride(1),
-        GATE_UP=gate_up, A_ROW_DIV=blocks.top_k if gate_up else 1,
-        BLOCK_M=blocks.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=8,
-        INTERPRETED=interpreted(_expert_gemm_kernel), PRECISION=dot_precision(a.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        a,
+        w.packed,
+        w.scale,
+        out,
+        out if router_weights is None else router_weights,
+        blocks.sorted_ids,
+        blocks.block_expert,
+        blocks.expert_end,
+        n,
+        k,
+        max_blocks,
+        w.packed.stride(0),
+        w.packed.stride(1),
+        w.scale.stride(0),
+        w.scale.stride(1),
+        GATE_UP=gate_up,
+        A_ROW_DIV=blocks.top_k if gate_up else 1,
+        BLOCK_M=blocks.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        INTERPRETED=interpreted(_expert_gemm_kernel),
+        PRECISION=dot_precision(a.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out
 
 

@@ -31,7 +31,9 @@ def mla_decode_reference(
     block_size = kv_cache.shape[1]
     width = max(1, int(seq_lens.max()))
     positions = torch.arange(width, device=q.device)
-    slots = block_table.long().gather(1, (positions // block_size).expand(batch, -1)) * block_size + positions % block_size
+    slots = (
+        block_table.long().gather(1, (positions // block_size).expand(batch, -1)) * block_size + positions % block_size
+    )
     kv = kv_cache.reshape(-1, dim)[slots].float()  # [B, T, L + R]
     scores = torch.einsum("bhd,btd->bht", q.float(), kv) * sm_scale
     scores = scores.masked_fill((positions >= seq_lens.unsqueeze(1).long()).unsqueeze(1), float("-inf"))
@@ -41,14 +43,35 @@ def mla_decode_reference(
 
 @triton.jit
 def _split_kernel(
-    q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-    num_heads, num_splits, qk_scale,
-    stride_qb, stride_qh, stride_kv, stride_table,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    PAGE_SIZE: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-    FINAL: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    kv_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    lse_ptr,
+    num_heads,
+    num_splits,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kv,
+    stride_table,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    PAGE_SIZE: tl.constexpr,
+    LATENT: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    FINAL: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """BLOCK_H heads of one sequence over one split of its tokens, online softmax in base 2 (qk_scale has log2 e).
 
     FINAL (one split): writes the normalized output. Otherwise writes the split's normalized output and its
@@ -72,7 +95,7 @@ def _split_kernel(
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
     m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
     for first in range(start, end, BLOCK_N):
         t = first + tl.arange(0, BLOCK_N)
@@ -87,28 +110,41 @@ def _split_kernel(
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        denom = denom * alpha + tl.sum(p, axis=1)
         # The latent rows just loaded as keys are also the values (MQA in latent space): one read serves both.
         acc = dot(p.to(kv_dtype), c_kv, acc * alpha[:, None], INTERPRETED, PRECISION)
         m = m_new
 
     out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + dl[None, :]
     out_mask = h_ok[:, None] & l_ok[None, :]
-    has_tokens = l > 0
+    has_tokens = denom > 0
     if FINAL:
-        tl.store(out_ptrs, (acc / tl.where(has_tokens, l, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(
+            out_ptrs, (acc / tl.where(has_tokens, denom, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask
+        )
     else:
-        tl.store(out_ptrs, acc / tl.where(has_tokens, l, 1.0)[:, None], mask=out_mask)
-        lse = tl.where(has_tokens, m + tl.log2(tl.where(has_tokens, l, 1.0)), float("-inf"))
+        tl.store(out_ptrs, acc / tl.where(has_tokens, denom, 1.0)[:, None], mask=out_mask)
+        lse = tl.where(has_tokens, m + tl.log2(tl.where(has_tokens, denom, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_ok)
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, lse_ptr, out_ptr, num_splits,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    LATENT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
-):  # fmt: skip
+    part_ptr,
+    lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    LATENT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """out = sum_s exp2(lse_s) * part_s / sum_s exp2(lse_s) for one (head, sequence)."""
     head, b = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -175,24 +211,54 @@ def mla_decode_triton(
     partial = out if final else q.new_empty(batch, heads, num_splits, kv_lora_rank, dtype=torch.float32)
     lse = q.new_empty(batch, heads, num_splits, dtype=torch.float32)
     _split_kernel[(head_blocks, num_splits, batch)](
-        q, kv_cache, block_table, seq_lens, partial, lse,
-        heads, num_splits, sm_scale * math.log2(math.e),
-        q.stride(0), q.stride(1), kv_cache.stride(1), block_table.stride(0),
-        partial.stride(0), partial.stride(1), 0 if final else partial.stride(2), lse.stride(0), lse.stride(1),
-        PAGE_SIZE=page_size, LATENT=kv_lora_rank, ROPE=rope,
-        BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_L=triton.next_power_of_2(kv_lora_rank), BLOCK_R=max(16, triton.next_power_of_2(rope)),
-        FINAL=final, INTERPRETED=interpreted(_split_kernel), PRECISION=dot_precision(kv_cache.dtype),
-        num_warps=num_warps or (8 if block_h == 64 else 4), num_stages=num_stages,
-    )  # fmt: skip
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        partial,
+        lse,
+        heads,
+        num_splits,
+        sm_scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        kv_cache.stride(1),
+        block_table.stride(0),
+        partial.stride(0),
+        partial.stride(1),
+        0 if final else partial.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        PAGE_SIZE=page_size,
+        LATENT=kv_lora_rank,
+        ROPE=rope,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_L=triton.next_power_of_2(kv_lora_rank),
+        BLOCK_R=max(16, triton.next_power_of_2(rope)),
+        FINAL=final,
+        INTERPRETED=interpreted(_split_kernel),
+        PRECISION=dot_precision(kv_cache.dtype),
+        num_warps=num_warps or (8 if block_h == 64 else 4),
+        num_stages=num_stages,
+    )
     if not final:
         _merge_kernel[(heads, batch)](
-            partial, lse, out, num_splits,
-            partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            LATENT=kv_lora_rank, BLOCK_S=triton.next_power_of_2(num_splits),
+            partial,
+            lse,
+            out,
+            num_splits,
+            partial.stride(0),
+            partial.stride(1),
+            partial.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            LATENT=kv_lora_rank,
+            BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_L=triton.next_power_of_2(kv_lora_rank),
-        )  # fmt: skip
+        )
     return out
 
 

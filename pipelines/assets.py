@@ -18,6 +18,10 @@ from pydantic import Field
 from k2batch.agent.batch import run_shard
 from k2batch.config import BatchConfig, ConfigError, StorageConfig, config_hash
 from k2batch.metrics import engine_work, scan_results, total_work, write_summary
+from k2batch.pipelines import report
+from k2batch.pipelines.batch_config import BatchRunConfig
+from k2batch.pipelines.batches import inputs_uri, list_batches, outputs_uri
+from k2batch.pipelines.resources import EngineResource, RunSettings, StorageResource
 from k2batch.shards import (
     InputError,
     Shard,
@@ -30,10 +34,6 @@ from k2batch.shards import (
     summary_uri,
 )
 from k2batch.storage import read_json
-from k2batch.pipelines import report
-from k2batch.pipelines.batch_config import BatchRunConfig
-from k2batch.pipelines.batches import inputs_uri, list_batches, outputs_uri
-from k2batch.pipelines.resources import EngineResource, RunSettings, StorageResource
 
 GROUP = "batch"
 ROWS_CHECK = "rows_in_equals_rows_out"

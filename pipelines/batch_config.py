@@ -119,4 +119,3 @@ class BatchRunConfig(_config_class(BatchConfig, "", toml_comments(DEFAULT_CONFIG
             return msgspec.convert(data, BatchConfig)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"run config: {exc}") from None
-

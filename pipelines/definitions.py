@@ -1,9 +1,9 @@
-"""The Dagster definitions: `dagster dev -m k2batch.pipelines.definitions` (or dagster-webserver, or a k8s code location)."""
+"""The Dagster definitions: `dagster dev -m k2batch.pipelines.definitions` (or dagster-webserver, or a k8s code
+location)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import dagster as dg

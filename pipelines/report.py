@@ -24,11 +24,7 @@ def tasks_table(results: pl.LazyFrame, prices: PricesConfig) -> pl.DataFrame:
 def steps_histogram(results: pl.LazyFrame) -> pl.DataFrame:
     """Episodes per number of steps (invalid rows ran no steps and are left out)."""
     return (
-        results.filter(pl.col("status") != "invalid")
-        .group_by("steps")
-        .agg(episodes=pl.len())
-        .sort("steps")
-        .collect()
+        results.filter(pl.col("status") != "invalid").group_by("steps").agg(episodes=pl.len()).sort("steps").collect()
     )
 
 
@@ -64,7 +60,16 @@ def tokens_chart(tasks: pl.DataFrame) -> str:
 
 
 def tasks_markdown(tasks: pl.DataFrame) -> str:
-    columns = ["task", "jobs", "steps", "tool_calls", "prompt_tokens", "completion_tokens", "cache_hit_rate", "cost_usd"]
+    columns = [
+        "task",
+        "jobs",
+        "steps",
+        "tool_calls",
+        "prompt_tokens",
+        "completion_tokens",
+        "cache_hit_rate",
+        "cost_usd",
+    ]
     return markdown_table(columns, tasks.select(columns).rows())
 
 

@@ -32,7 +32,7 @@ def secret_reference(field: str, value: Any) -> Any:
         return EnvVarName(env=value.env_var_name)
     if isinstance(value, str):
         raise ValueError(
-            f"storage {field}: a literal value; pass it as dg.EnvVar(\"VARIABLE\") in Python or "
+            f'storage {field}: a literal value; pass it as dg.EnvVar("VARIABLE") in Python or '
             f"{{env: VARIABLE}} in run config (or leave it to the AWS_* environment)"
         )
     return value
@@ -103,9 +103,7 @@ class RunSettings(dg.ConfigurableResource):
 class EngineResource(dg.ConfigurableResource):
     """The offline engine. A run process loads a model once and reuses it for every shard step it runs."""
 
-    torch_threads: int = Field(
-        default=0, description="torch CPU threads in the run process; 0 leaves torch's default."
-    )
+    torch_threads: int = Field(default=0, description="torch CPU threads in the run process; 0 leaves torch's default.")
     _engines: dict[bytes, Engine] = PrivateAttr(default_factory=dict)
 
     def load(self, model: str, config: EngineConfig, storage_options: dict[str, Any] | None = None) -> Engine:

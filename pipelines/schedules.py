@@ -2,13 +2,13 @@
 
 import dagster as dg
 
-from k2batch.shards import summary_uri
-from k2batch.storage import exists
 from k2batch.pipelines.assets import batch_job, batches
 from k2batch.pipelines.batches import list_batches, outputs_uri
 from k2batch.pipelines.resources import StorageResource
 from k2batch.pipelines.sensors import run_request
 from k2batch.pipelines.settings import NightlySettings
+from k2batch.shards import summary_uri
+from k2batch.storage import exists
 
 NOT_FINISHED = [
     dg.DagsterRunStatus.QUEUED,

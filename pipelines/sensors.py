@@ -3,10 +3,10 @@
 import dagster as dg
 import msgspec
 
-from k2batch.storage import FileInfo, list_files
 from k2batch.pipelines.assets import batch_job, batches
 from k2batch.pipelines.batches import BatchInput, batch_of, inputs_uri, list_batches
 from k2batch.pipelines.resources import RunSettings, StorageResource
+from k2batch.storage import FileInfo, list_files
 
 RUN_KEY_TAG = "dagster/run_key"  # the sensor daemon tags each run it launches with its request's run key
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import msgspec

@@ -8,9 +8,9 @@ import dagster as dg
 import msgspec
 from pydantic import Field, PrivateAttr
 
-from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
 from k2batch.pipelines.assets import BatchPlan, ShardOutcome, ShardTask
 from k2batch.pipelines.resources import StorageResource
+from k2batch.storage import exists, join, read_bytes, write_bytes_atomic
 
 _GLOB = re.compile(r"[\[\]*?]+")
 # Every type a step hands to another, by the name stored beside the value. Decoding builds exactly these.
@@ -49,9 +49,7 @@ class StepOutputsIOManager(dg.ConfigurableIOManager):
     storage root, where whoever drops inputs can write."""
 
     storage: dg.ResourceDependency[StorageResource]
-    root: str = Field(
-        default="", description="Where step outputs go; empty: the Dagster instance's storage directory."
-    )
+    root: str = Field(default="", description="Where step outputs go; empty: the Dagster instance's storage directory.")
     _base: str = PrivateAttr(default="")
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:

@@ -9,18 +9,44 @@ import torch
 from safetensors.torch import load_file, save_file
 
 BASE_CONFIG = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=32,
-    q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=16, qk_nope_head_dim=16, n_group=1, topk_group=1,
-    num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.827,
-    max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-    tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None,
-)  # fmt: skip
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=16,
+    v_head_dim=16,
+    qk_nope_head_dim=16,
+    n_group=1,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.827,
+    max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=None,
+)
 
 YARN = {
-    "rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-    "original_max_position_embeddings": 64, "beta_fast": 1.0, "beta_slow": 1.0,
-}  # fmt: skip
+    "rope_type": "yarn",
+    "rope_theta": 50000.0,
+    "factor": 32.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 1.0,
+    "beta_slow": 1.0,
+}
 
 
 def random_hf_model(seed: int = 0, **overrides):
@@ -43,7 +69,11 @@ def random_hf_model(seed: int = 0, **overrides):
 
 
 def save_hf(
-    model, path: Path, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, fused_experts: bool = False
+    model,
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    fused_experts: bool = False,
 ) -> Path:
     """save_pretrained; `fused_experts` keeps transformers 5's in-memory layout (experts.gate_up_proj [E, 2I, H],
     experts.down_proj [E, H, I]) instead of the per-expert tensors real checkpoints ship."""
@@ -91,7 +121,9 @@ def compress_experts_int4(path: Path) -> dict[str, torch.Tensor]:
             w = w.to(torch.bfloat16)
             groups = w.unflatten(-1, (-1, 32))
             scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-            sd = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+            sd = PackedQuantizationCompressor.compress(
+                {"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme
+            )
             prefix = key.removesuffix(".weight")
             for name, t in sd.items():
                 out[f"{prefix}.{name}"] = t.contiguous()
@@ -204,8 +236,12 @@ def quantize_fp8(path: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
         data["weight_map"] |= {f"{k}_scale_inv": f for k, f in data["weight_map"].items() if k in oracle}
         index.write_text(json.dumps(data, indent=2))
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block),
-                                  "activation_scheme": "dynamic"}  # fmt: skip
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": list(block),
+        "activation_scheme": "dynamic",
+    }
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return oracle
 

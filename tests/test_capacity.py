@@ -26,11 +26,27 @@ from k2batch.model.config import ModelConfig
 from k2batch.model.export import config_dict, random_model, save_checkpoint
 
 SMALL = dict(
-    model_type="kimi_k2", vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-    num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32,
-    qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
-    num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=2.827, rope_theta=50000.0,
-)  # fmt: skip
+    model_type="kimi_k2",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=16,
+    v_head_dim=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=2.827,
+    rope_theta=50000.0,
+)
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 # Under tensor parallelism these stay whole on every rank: the latent's own projections, norms and the router.
 _WHOLE_UNDER_TP = re.compile(r"(q_a_proj|kv_a_proj_with_mqa)\.weight$|norm\.weight$|\.mlp\.gate\.")
@@ -138,9 +154,15 @@ def test_kv_capacity_and_episodes_per_layout() -> None:
     # Memory for the DP layout's weights plus 100.5 blocks: 100 whole blocks of KV per rank.
     memory = dp_weights + 100.5 * block
     plan = plan_capacity(
-        config, gpus=4, gpu_memory_gib=(memory + 2 * GIB) / GIB, reserve_gib=2.0, memory_utilization=1.0,
-        episode_tokens=48 * 16, dtype=torch.bfloat16, block_size=16,
-    )  # fmt: skip
+        config,
+        gpus=4,
+        gpu_memory_gib=(memory + 2 * GIB) / GIB,
+        reserve_gib=2.0,
+        memory_utilization=1.0,
+        episode_tokens=48 * 16,
+        dtype=torch.bfloat16,
+        block_size=16,
+    )
     dp, tp = plan.layouts
     assert (dp.kv_tokens_per_rank, dp.kv_tokens_total, dp.kv_cache_bytes_per_rank) == (1600, 6400, 100 * block)
     assert dp.episodes == 4 * 2  # an episode stays on its rank: 100 blocks hold two of 48 blocks, four ranks

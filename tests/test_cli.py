@@ -20,10 +20,18 @@ from k2batch.shards import ShardManifest, results_uri, write_shard_outputs
 
 def result(status, task, prompt=0, cached=0, completion=0, reasoning=0, row=0) -> Result:
     return Result(
-        job_id=f"j{row}", task=task, status=status, steps=1, tool_calls=0, prompt_tokens=prompt,
-        cached_prompt_tokens=cached, completion_tokens=completion, reasoning_tokens=reasoning,
-        source_file="in.parquet", source_row=row,
-    )  # fmt: skip
+        job_id=f"j{row}",
+        task=task,
+        status=status,
+        steps=1,
+        tool_calls=0,
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        completion_tokens=completion,
+        reasoning_tokens=reasoning,
+        source_file="in.parquet",
+        source_row=row,
+    )
 
 
 def write_shard(output: str, index: int, results: list[Result], run_s: float | None, started_ago: float = 0.0) -> None:
@@ -34,10 +42,15 @@ def write_shard(output: str, index: int, results: list[Result], run_s: float | N
         storage.write_parquet_atomic(results_uri(output, index), table)
         return
     manifest = ShardManifest(
-        shard=index, input_hash="h", config_hash="c", attempt=1, inputs=(), rows_in=len(results),
+        shard=index,
+        input_hash="h",
+        config_hash="c",
+        attempt=1,
+        inputs=(),
+        rows_in=len(results),
         started_at=time.time() - started_ago,
         timings={"run_s": run_s},
-    )  # fmt: skip
+    )
     write_shard_outputs(output, index, table, traces_table([]), manifest)
 
 
@@ -59,8 +72,11 @@ def test_inspect_numbers_of_a_known_batch_without_summary(tmp_path: Path) -> Non
     assert rows["error", "draft"]["cost_usd"] == pytest.approx((60 * 0.60 + 40 * 0.15) / 1e6)
     assert ok["output_tokens_per_s"] is None and ok["output_tokens_per_shard_s"] is None  # no group has its own
     assert (total["jobs"], total["prompt_tokens"], total["completion_tokens"], total["reasoning_tokens"]) == (
-        5, 700, 150, 30,
-    )  # fmt: skip
+        5,
+        700,
+        150,
+        30,
+    )
     assert total["cache_hit_rate"] == pytest.approx(100 / 700)
     assert total["cost_usd"] == pytest.approx((600 * 0.60 + 100 * 0.15 + 150 * 2.50) / 1e6)
     # The complete shards' 100 tokens over their wall time (the first started 10 s ago, both ended now) and over
@@ -91,6 +107,9 @@ def test_bad_input_and_config_exit_2_with_one_line(tmp_path: Path, capsys: pytes
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--input", str(good), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "bad.toml")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"k2batch: error: {tmp_path / 'bad.toml'}: agent.max_stepz: unknown key"
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(f"k2batch: error: {tmp_path / 'bad.toml'}: agent.max_stepz: unknown key")
     )

@@ -22,8 +22,12 @@ from tests.agent.conftest import k2_checkpoint  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # The folders the wheel is built from, and the import names they install as.
-SOURCES = {"k2batch": "k2batch", "kernels": "k2batch.kernels", "pipelines": "k2batch.pipelines",
-           "configs": "k2batch.configs"}  # fmt: skip
+SOURCES = {
+    "k2batch": "k2batch",
+    "kernels": "k2batch.kernels",
+    "pipelines": "k2batch.pipelines",
+    "configs": "k2batch.configs",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +43,10 @@ def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(source)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (built,) = dist.glob("k2batch-*.whl")
     return built
 
@@ -55,13 +61,17 @@ def environment(wheel, tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(site, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return venv
 
 
@@ -84,20 +94,26 @@ def test_the_wheel_holds_every_module_and_config_under_k2batch_only(wheel):
     assert sorted(expected - set(names)) == []
 
 
-def test_an_installed_wheel_runs_a_batch_from_an_empty_directory(environment, k2_checkpoint, tmp_path):  # noqa: F811
+def test_an_installed_wheel_runs_a_batch_from_an_empty_directory(environment, k2_checkpoint, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     python = str(environment / "bin" / "python")
     # Where each name comes from: k2batch from the wheel, `kernels` from Hugging Face's distribution when installed
     # (transformers >= 5.25 needs it), no top-level `pipelines` at all.
-    probe = run_in(environment, empty, python, "-c", (
-        "import json, importlib.util, k2batch, k2batch.kernels.int4_moe, k2batch.pipelines.settings\n"
-        "from k2batch.config import DEFAULT_CONFIG\n"
-        "spec = importlib.util.find_spec('kernels')\n"
-        "print(json.dumps({'k2batch': k2batch.__file__, 'kernels': spec and spec.origin,"
-        " 'pipelines': importlib.util.find_spec('pipelines') is not None, 'default': str(DEFAULT_CONFIG),"
-        " 'dagster': str(k2batch.pipelines.settings.DAGSTER_CONFIG)}))"
-    ))  # fmt: skip
+    probe = run_in(
+        environment,
+        empty,
+        python,
+        "-c",
+        (
+            "import json, importlib.util, k2batch, k2batch.kernels.int4_moe, k2batch.pipelines.settings\n"
+            "from k2batch.config import DEFAULT_CONFIG\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(json.dumps({'k2batch': k2batch.__file__, 'kernels': spec and spec.origin,"
+            " 'pipelines': importlib.util.find_spec('pipelines') is not None, 'default': str(DEFAULT_CONFIG),"
+            " 'dagster': str(k2batch.pipelines.settings.DAGSTER_CONFIG)}))"
+        ),
+    )
     assert probe.returncode == 0, probe.stderr
     where = json.loads(probe.stdout)
     installed = environment.resolve()
@@ -118,8 +134,9 @@ def test_an_installed_wheel_runs_a_batch_from_an_empty_directory(environment, k2
         '[tools]\nenabled = ["calculator"]\n'
     )
     k2batch = str(environment / "bin" / "k2batch")
-    ran = run_in(environment, empty, k2batch, "run", "--input", "jobs.parquet", "--output", "out",
-                 "--config", "my.toml")  # fmt: skip
+    ran = run_in(
+        environment, empty, k2batch, "run", "--input", "jobs.parquet", "--output", "out", "--config", "my.toml"
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     results = pl.read_parquet(f"{empty}/out/results/**/*.parquet", hive_partitioning=True)
     assert sorted(results["job_id"].to_list()) == ["a", "a", "b"]  # every row, the duplicate id with its error

@@ -86,10 +86,20 @@ def test_valid_rows_become_jobs_with_defaults() -> None:
     assert invalid == []
     a, b = jobs
     assert a == Job(
-        job_id="a", task="retrieval", prompt="What is 2+2?", messages=None, system=None, tools=("search", "calculator"),
-        max_steps=None, max_new_tokens=None, temperature=0.0, top_p=None, seed=None,
-        source_file=SOURCE, source_row=0,
-    )  # fmt: skip
+        job_id="a",
+        task="retrieval",
+        prompt="What is 2+2?",
+        messages=None,
+        system=None,
+        tools=("search", "calculator"),
+        max_steps=None,
+        max_new_tokens=None,
+        temperature=0.0,
+        top_p=None,
+        seed=None,
+        source_file=SOURCE,
+        source_row=0,
+    )
     assert b.messages == messages and b.prompt is None and b.tools == ("python",)
     assert (b.max_steps, b.max_new_tokens, b.top_p, b.seed, b.system) == (5, 100, 1.0, 42, "Be brief.")
 
@@ -97,11 +107,20 @@ def test_valid_rows_become_jobs_with_defaults() -> None:
 def test_a_conversation_with_every_message_field() -> None:
     messages = [
         {"role": "user", "name": "ann", "content": "2*3?"},
-        {"role": "assistant", "content": None, "reasoning_content": "use the tool", "tool_calls": [
-            {"id": "functions.calculator:0", "type": "function",
-             "function": {"name": "calculator", "arguments": {"expression": "2*3"}}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "use the tool",
+            "tool_calls": [
+                {
+                    "id": "functions.calculator:0",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": {"expression": "2*3"}},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "functions.calculator:0", "name": "calculator", "content": "6"},
-    ]  # fmt: skip
+    ]
     jobs, invalid = validate(pa.table({"job_id": ["a"], "messages": [json.dumps(messages)]}))
     assert invalid == [] and jobs[0].messages == messages
 
@@ -329,10 +348,21 @@ def test_an_empty_table_gives_nothing() -> None:
 
 def ok_result(job: Job) -> Result:
     return Result(
-        job_id=job.job_id, task=job.task, status="ok", answer="4", reasoning="2+2", steps=2, tool_calls=1,
-        prompt_tokens=50, cached_prompt_tokens=32, completion_tokens=20, reasoning_tokens=12, latency_s=0.5,
-        source_file=job.source_file, source_row=job.source_row,
-    )  # fmt: skip
+        job_id=job.job_id,
+        task=job.task,
+        status="ok",
+        answer="4",
+        reasoning="2+2",
+        steps=2,
+        tool_calls=1,
+        prompt_tokens=50,
+        cached_prompt_tokens=32,
+        completion_tokens=20,
+        reasoning_tokens=12,
+        latency_s=0.5,
+        source_file=job.source_file,
+        source_row=job.source_row,
+    )
 
 
 def passthrough_inputs(job_ids: list[str | None]) -> pa.Table:
@@ -422,9 +452,16 @@ def span(**fields: Any) -> TraceSpan:
 
 def test_trace_tables_have_one_schema() -> None:
     chat = span(
-        operation="chat", input_tokens=10, cached_input_tokens=0, output_tokens=5, finish_reason="tool_calls",
-        output_token_ids=[7, 163586, 3, 3, 9], request_temperature=1.0, request_seed=12, input_messages="[]",
-    )  # fmt: skip
+        operation="chat",
+        input_tokens=10,
+        cached_input_tokens=0,
+        output_tokens=5,
+        finish_reason="tool_calls",
+        output_token_ids=[7, 163586, 3, 3, 9],
+        request_temperature=1.0,
+        request_seed=12,
+        input_messages="[]",
+    )
     tool = span(operation="execute_tool", tool_name="search", tool_arguments='{"q": "x"}', tool_result="doc")
     spans = [chat, tool]
     table = traces_table(spans)

@@ -52,9 +52,7 @@ def pins() -> dict[str, str]:
 def test_constraints_pin_exactly_the_environment_the_tests_run_in():
     """Every distribution installed here is pinned at its installed version, and nothing else is pinned: a
     dependency added or upgraded without `make constraints` fails here."""
-    installed = {
-        canonicalize_name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()
-    }
+    installed = {canonicalize_name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
     expected = {name: version for name, version in installed.items() if name not in UNPINNED}
     assert pins() == expected
 
@@ -69,7 +67,10 @@ def test_constraints_leave_torch_to_torch_spec():
 def repository_text() -> dict[str, str]:
     """Every file of the repository that git tracks or would track (not ignored), as text."""
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout.splitlines()
     return {name: (REPO / name).read_bytes().decode("utf-8", "replace") for name in listed if (REPO / name).is_file()}

@@ -288,7 +288,7 @@ def test_layout() -> None:
     assert summary_uri("s3://b/out/") == "s3://b/out/summary.json"
 
 
-def test_the_whole_round_on_s3(s3_bucket: str, s3_options: dict[str, Any]) -> None:  # noqa: F811
+def test_the_whole_round_on_s3(s3_bucket: str, s3_options: dict[str, Any]) -> None:
     inputs, output = storage.join(s3_bucket, "inputs", "batch1"), storage.join(s3_bucket, "outputs", "batch1")
     write_inputs(inputs, s3_options)
     plan = plan_shards(inputs, 4, s3_options)

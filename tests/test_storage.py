@@ -133,7 +133,7 @@ def test_polars_storage_options_translate_s3fs_names() -> None:
     assert storage.polars_storage_options("/tmp/x.parquet", options) == {}
 
 
-def test_polars_scans_parquet_written_to_s3(s3_bucket: str, s3_options: dict[str, Any]) -> None:  # noqa: F811
+def test_polars_scans_parquet_written_to_s3(s3_bucket: str, s3_options: dict[str, Any]) -> None:
     for shard in range(3):
         table = pa.table({"job_id": [f"j{shard}-{i}" for i in range(4)], "tokens": pa.array(range(4), pa.int64())})
         storage.write_parquet_atomic(

@@ -108,12 +108,16 @@ def run_shard(
         spec.job_id: ToolContext.for_job(spec.job_id, spec.task or "default", settings, options) for spec in specs
     }
     call_tool = registry_caller(
-        registry, contexts, {spec.job_id: spec.tools for spec in specs},
-        timeout_s=config.agent.tool_timeout_s, max_result_chars=config.agent.max_tool_result_chars,
-    )  # fmt: skip
+        registry,
+        contexts,
+        {spec.job_id: spec.tools for spec in specs},
+        timeout_s=config.agent.tool_timeout_s,
+        max_result_chars=config.agent.max_tool_result_chars,
+    )
     # disable=None: a bar on a terminal, nothing in a log file or a Dagster step's captured output.
-    bar = tqdm(total=shard.num_rows, initial=len(invalid), desc=f"shard {shard.index}", dynamic_ncols=True,
-               disable=None)  # fmt: skip
+    bar = tqdm(
+        total=shard.num_rows, initial=len(invalid), desc=f"shard {shard.index}", dynamic_ncols=True, disable=None
+    )
 
     def done(outcome: EpisodeOutcome) -> None:
         bar.update(1)
@@ -131,9 +135,14 @@ def _row_error(
     job_id: str | None, task: str | None, source_file: str, source_row: int, error_type: str, error: Exception
 ) -> Result:
     return Result(
-        job_id=job_id, task=task, status="error", error_type=error_type,
-        error_message=f"{type(error).__name__}: {error}", source_file=source_file, source_row=source_row,
-    )  # fmt: skip
+        job_id=job_id,
+        task=task,
+        status="error",
+        error_type=error_type,
+        error_message=f"{type(error).__name__}: {error}",
+        source_file=source_file,
+        source_row=source_row,
+    )
 
 
 def output_tables(

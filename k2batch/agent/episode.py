@@ -116,14 +116,23 @@ def run_episodes(
         if ep.request_id is not None:
             engine.release(ep.request_id)
         ep.result = Result(
-            job_id=ep.spec.job_id, task=ep.spec.task, status=status,
+            job_id=ep.spec.job_id,
+            task=ep.spec.task,
+            status=status,
             answer=ep.last.content if ep.last and status == "ok" else None,
             reasoning=ep.last.reasoning if ep.last else None,
-            error_type=error_type, error_message=message, steps=ep.step, tool_calls=ep.tool_call_count,
-            prompt_tokens=ep.prompt_tokens, cached_prompt_tokens=ep.cached_tokens,
-            completion_tokens=ep.completion_tokens, reasoning_tokens=ep.reasoning_tokens,
-            latency_s=time.perf_counter() - ep.started, source_file=ep.spec.source_file, source_row=ep.spec.source_row,
-        )  # fmt: skip
+            error_type=error_type,
+            error_message=message,
+            steps=ep.step,
+            tool_calls=ep.tool_call_count,
+            prompt_tokens=ep.prompt_tokens,
+            cached_prompt_tokens=ep.cached_tokens,
+            completion_tokens=ep.completion_tokens,
+            reasoning_tokens=ep.reasoning_tokens,
+            latency_s=time.perf_counter() - ep.started,
+            source_file=ep.spec.source_file,
+            source_row=ep.spec.source_row,
+        )
         if on_done is not None:
             on_done(EpisodeOutcome(result=ep.result, spans=ep.spans))
 
@@ -170,9 +179,13 @@ def run_episodes(
             )
             return finish(ep, "token_limit", "token_limit", why)
         params = SamplingParams(
-            temperature=ep.spec.temperature, top_p=ep.spec.top_p, top_k=ep.spec.top_k, max_new_tokens=left,
-            seed=ep.spec.seed + ep.step, stop_token_ids=stop_ids,
-        )  # fmt: skip
+            temperature=ep.spec.temperature,
+            top_p=ep.spec.top_p,
+            top_k=ep.spec.top_k,
+            max_new_tokens=left,
+            seed=ep.spec.seed + ep.step,
+            stop_token_ids=stop_ids,
+        )
         request_id = f"{ep.spec.job_id}:{ep.step}"
         ep.step_start_ns = time.time_ns()
         engine.add_request(prompt_ids, params, request_id=request_id, keep_kv=True, continue_from=continue_from)
@@ -193,19 +206,33 @@ def run_episodes(
         ep.last = parsed
         params, first = ep.params, ep.step == 0
         assert params is not None
-        ep.spans.append(TraceSpan(
-            job_id=ep.spec.job_id, step=ep.step, span_id=ep.span_id(ep.step, "chat"), parent_span_id=None,
-            operation="chat", start_ns=ep.step_start_ns, end_ns=time.time_ns(), input_tokens=len(out.prompt_ids),
-            cached_input_tokens=out.num_cached_tokens, output_tokens=len(out.token_ids),
-            output_token_ids=list(out.token_ids), reasoning_content=parsed.reasoning, content=parsed.content,
-            finish_reason="tool_calls" if parsed.tool_calls and out.finish_reason == "stop" else out.finish_reason,
-            request_temperature=params.temperature, request_top_p=params.top_p, request_top_k=params.top_k,
-            request_seed=params.seed, request_max_tokens=params.max_new_tokens,
-            # What the episode started from, once, so the trace alone replays it (k2batch.agent.replay).
-            input_messages=_json(ep.spec.messages) if first else None,
-            tool_definitions=_json(ep.spec.tool_schemas) if first else None,
-            episode_budgets=_json(ep.spec.budgets) if first else None,
-        ))  # fmt: skip
+        ep.spans.append(
+            TraceSpan(
+                job_id=ep.spec.job_id,
+                step=ep.step,
+                span_id=ep.span_id(ep.step, "chat"),
+                parent_span_id=None,
+                operation="chat",
+                start_ns=ep.step_start_ns,
+                end_ns=time.time_ns(),
+                input_tokens=len(out.prompt_ids),
+                cached_input_tokens=out.num_cached_tokens,
+                output_tokens=len(out.token_ids),
+                output_token_ids=list(out.token_ids),
+                reasoning_content=parsed.reasoning,
+                content=parsed.content,
+                finish_reason="tool_calls" if parsed.tool_calls and out.finish_reason == "stop" else out.finish_reason,
+                request_temperature=params.temperature,
+                request_top_p=params.top_p,
+                request_top_k=params.top_k,
+                request_seed=params.seed,
+                request_max_tokens=params.max_new_tokens,
+                # What the episode started from, once, so the trace alone replays it (k2batch.agent.replay).
+                input_messages=_json(ep.spec.messages) if first else None,
+                tool_definitions=_json(ep.spec.tool_schemas) if first else None,
+                episode_budgets=_json(ep.spec.budgets) if first else None,
+            )
+        )
         ep.step += 1
         if out.finish_reason == "error":
             return finish(ep, "error", "engine_error", out.error)
@@ -234,12 +261,22 @@ def run_episodes(
         step = ep.step - 1
         for position, (call, result, start_ns, end_ns) in enumerate(ep.tool_results):  # type: ignore[misc]
             ep.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.content})
-            ep.spans.append(TraceSpan(
-                job_id=ep.spec.job_id, step=step, span_id=ep.span_id(step, "tool", position),
-                parent_span_id=ep.span_id(step, "chat"), operation="execute_tool",
-                start_ns=start_ns, end_ns=end_ns, tool_call_id=call.id, tool_name=call.name,
-                tool_arguments=call.arguments, tool_result=result.content, error_type=result.error_type,
-            ))  # fmt: skip
+            ep.spans.append(
+                TraceSpan(
+                    job_id=ep.spec.job_id,
+                    step=step,
+                    span_id=ep.span_id(step, "tool", position),
+                    parent_span_id=ep.span_id(step, "chat"),
+                    operation="execute_tool",
+                    start_ns=start_ns,
+                    end_ns=end_ns,
+                    tool_call_id=call.id,
+                    tool_name=call.name,
+                    tool_arguments=call.arguments,
+                    tool_result=result.content,
+                    error_type=result.error_type,
+                )
+            )
         after = render(tokenizer, ep.spec, ep.messages, True)
         previous = ep.request_id
         if not after.startswith(before):

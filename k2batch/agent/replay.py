@@ -43,9 +43,14 @@ def recorded_spec(job_id: str, task: str | None, spans: list[TraceSpan]) -> Epis
     """The episode as it started, from its step-0 chat span: conversation, tools, sampling, seed and budgets."""
     first = next((s for s in spans if s.operation == "chat" and s.step == 0), None)
     recorded = first and (
-        first.input_messages, first.tool_definitions, first.episode_budgets,
-        first.request_temperature, first.request_top_p, first.request_top_k, first.request_seed,
-    )  # fmt: skip
+        first.input_messages,
+        first.tool_definitions,
+        first.episode_budgets,
+        first.request_temperature,
+        first.request_top_p,
+        first.request_top_k,
+        first.request_seed,
+    )
     if not recorded or None in recorded:
         raise ValueError(
             f"job {job_id!r}: its trace does not record how the episode started (written by an older k2batch?); "
@@ -54,12 +59,17 @@ def recorded_spec(job_id: str, task: str | None, spans: list[TraceSpan]) -> Epis
     messages, tools, budgets, temperature, top_p, top_k, seed = recorded
     schemas = json.loads(tools)
     return EpisodeSpec(
-        job_id=job_id, task=task, messages=json.loads(messages),
-        tools=tuple(schema["function"]["name"] for schema in schemas), tool_schemas=schemas,
-        temperature=temperature, top_p=top_p, top_k=top_k,
+        job_id=job_id,
+        task=task,
+        messages=json.loads(messages),
+        tools=tuple(schema["function"]["name"] for schema in schemas),
+        tool_schemas=schemas,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
         seed=seed,  # step k samples with seed + k, as it did in the batch
         budgets=msgspec.json.decode(budgets, type=Budgets),
-    )  # fmt: skip
+    )
 
 
 def replay_job(output_uri: str, job_id: str, config: BatchConfig, engine: Engine | None = None) -> ReplayReport:

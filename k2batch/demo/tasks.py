@@ -29,14 +29,18 @@ RETRIEVAL = {
     ("person", "patents"): ("How many patents does {n} hold?", "number of patents", "{n} holds {v} patents"),
     ("person", "profession"): ("What does {n} do for a living?", "profession", "{n} works as a {v}"),
     ("person", "city"): ("Where does {n} live?", "home city", "{n} lives in {v}"),
-}  # fmt: skip
+}
 PROFILE = {
     "city": "{n} is a city in the {region} region, founded in {founded}, with {population} people at {elevation} m",
     "company": "{n} is a {sector} company based in {city}, founded in {founded}, with {employees} employees",
     "person": "{n} is a {profession} from {city}, born in {born}, with {patents} patents",
 }
 # kind: (numeric fact compared, its noun in the question and answer)
-SYNTHESIS = {"city": ("population", "residents"), "company": ("employees", "employees"), "person": ("patents", "patents")}
+SYNTHESIS = {
+    "city": ("population", "residents"),
+    "company": ("employees", "employees"),
+    "person": ("patents", "patents"),
+}
 
 
 class DemoJob(msgspec.Struct, frozen=True):
@@ -57,9 +61,15 @@ def check_tasks(tasks: tuple[str, ...]) -> None:
 
 
 def make_jobs(
-    world: World, count: int, seed: int, *, held_out: bool, prefix: str = "job", tasks: tuple[str, ...] = TASKS,
+    world: World,
+    count: int,
+    seed: int,
+    *,
+    held_out: bool,
+    prefix: str = "job",
+    tasks: tuple[str, ...] = TASKS,
     balanced_lengths: float = 0.0,
-) -> list[DemoJob]:  # fmt: skip
+) -> list[DemoJob]:
     """`count` jobs over held-out entities (evaluation, the demo) or training ones, the kinds of `tasks` in turn
     (a kind listed twice gets twice the jobs).
 
@@ -73,9 +83,11 @@ def make_jobs(
     rng = random.Random(seed)
     pool = world.split(held_out)
     by_kind = {kind: [e for e in pool if e.kind == kind] for kind in SYNTHESIS}
-    by_length = {
-        kind: _by_digits(entities, SYNTHESIS[kind][0]) for kind, entities in by_kind.items()
-    } if balanced_lengths else {}  # fmt: skip
+    by_length = (
+        {kind: _by_digits(entities, SYNTHESIS[kind][0]) for kind, entities in by_kind.items()}
+        if balanced_lengths
+        else {}
+    )
     jobs = []
     for i in range(count):
         task = tasks[i % len(tasks)]
@@ -94,12 +106,16 @@ def make_jobs(
                     break
             first, second = int(a.facts[fact]), int(b.facts[fact])
             winner = a if first > second else b
-            jobs.append(DemoJob(
-                job_id, task, f"Which of {a.name} and {b.name} has more {noun}, and by how many?",
-                ["search", "calculator"],
-                {"winner": winner.name, "difference": str(abs(first - second)), "doc_ids": [a.doc_id, b.doc_id]},
-                [a.name, b.name],
-            ))  # fmt: skip
+            jobs.append(
+                DemoJob(
+                    job_id,
+                    task,
+                    f"Which of {a.name} and {b.name} has more {noun}, and by how many?",
+                    ["search", "calculator"],
+                    {"winner": winner.name, "difference": str(abs(first - second)), "doc_ids": [a.doc_id, b.doc_id]},
+                    [a.name, b.name],
+                )
+            )
             continue
         entity = rng.choice(pool)
         if task == "retrieval":
@@ -139,8 +155,11 @@ ToolRunner = Callable[[str, str], str]
 
 
 def _call(index: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"id": f"functions.{name}:{index}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments)}}  # fmt: skip
+    return {
+        "id": f"functions.{name}:{index}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
 
 
 def _assistant(reasoning: str, content: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -152,10 +171,14 @@ def _assistant(reasoning: str, content: str = "", calls: list[dict[str, Any]] | 
 
 def _run_calls(calls: list[dict[str, Any]], run_tool: ToolRunner) -> list[dict[str, Any]]:
     return [
-        {"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"],
-         "content": run_tool(c["function"]["name"], c["function"]["arguments"])}
+        {
+            "role": "tool",
+            "tool_call_id": c["id"],
+            "name": c["function"]["name"],
+            "content": run_tool(c["function"]["name"], c["function"]["arguments"]),
+        }
         for c in calls
-    ]  # fmt: skip
+    ]
 
 
 def _search_args(name: str) -> dict[str, Any]:
@@ -182,10 +205,15 @@ def misspell(name: str, rng: random.Random) -> str:
 
 def _retry(name: str, wrong: str, result: str, index: int) -> dict[str, Any]:
     """The turn after a search for a miscopied name that missed the entity: say so, search for the right name."""
-    seen = f"The search for {wrong} found nothing." if result.startswith("no results") else (
-        f"The results for {wrong} are not about {name}.")  # fmt: skip
-    return _assistant(f"{seen} The question names {name}. I will search the corpus for {name}.",
-                      calls=[_call(index, "search", _search_args(name))])  # fmt: skip
+    seen = (
+        f"The search for {wrong} found nothing."
+        if result.startswith("no results")
+        else (f"The results for {wrong} are not about {name}.")
+    )
+    return _assistant(
+        f"{seen} The question names {name}. I will search the corpus for {name}.",
+        calls=[_call(index, "search", _search_args(name))],
+    )
 
 
 def gold_episode(
@@ -209,8 +237,12 @@ def gold_episode(
         fact, noun = SYNTHESIS[a.kind]
         phrase = {"population": "population", "employees": "number of employees", "patents": "number of patents"}[fact]
         calls = [_call(0, "search", _search_args(asked[a.name])), _call(1, "search", _search_args(asked[b.name]))]
-        step1 = _assistant(f"I need the {phrase} of {asked[a.name]} and of {asked[b.name]}. I will search for both.",
-                           calls=calls) | mistake  # fmt: skip
+        step1 = (
+            _assistant(
+                f"I need the {phrase} of {asked[a.name]} and of {asked[b.name]}. I will search for both.", calls=calls
+            )
+            | mistake
+        )
         results1 = _run_calls(calls, run_tool)
         steps = [step1, *results1]
         next_call = 2
@@ -237,7 +269,8 @@ def gold_episode(
         sign = "positive" if winner is a else "negative"
         final = _assistant(
             f"The difference is {diff}, which is {sign}, so {winner.name} has more.",
-            f"{winner.name} has more {noun} than {loser.name}, by {diff.lstrip('-')} [{winner.doc_id}, {loser.doc_id}].",
+            f"{winner.name} has more {noun} than {loser.name}, by {diff.lstrip('-')} "
+            f"[{winner.doc_id}, {loser.doc_id}].",
         )
         return [*steps, step2, *results2, final]
 
@@ -247,13 +280,15 @@ def gold_episode(
     if job.task == "retrieval":
         fact = job.expected["fact"]
         _, phrase, sentence = RETRIEVAL[(entity.kind, fact)]
-        step1 = _assistant(f"The user wants the {phrase} of {query}. I will search the corpus for {query}.",
-                           calls=calls)  # fmt: skip
+        step1 = _assistant(
+            f"The user wants the {phrase} of {query}. I will search the corpus for {query}.", calls=calls
+        )
         reading = f"{entity.doc_id} is about {entity.name}. It gives the {phrase}: {entity.facts[fact]}."
         answer = sentence.format(n=entity.name, v=entity.facts[fact])
     else:
-        step1 = _assistant(f"I need the facts about {query} for a profile. I will search the corpus for {query}.",
-                           calls=calls)  # fmt: skip
+        step1 = _assistant(
+            f"I need the facts about {query} for a profile. I will search the corpus for {query}.", calls=calls
+        )
         reading = f"{entity.doc_id} is about {entity.name}. It has all the facts for the profile."
         answer = PROFILE[entity.kind].format(n=entity.name, **entity.facts)
     results = _run_calls(calls, run_tool)
@@ -268,6 +303,7 @@ def gold_episode(
 
 
 # ---- grading -------------------------------------------------------------------------------------------------
+
 
 def _contains(text: str, value: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(value)}(?![\w])", text) is not None

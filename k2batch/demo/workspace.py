@@ -38,11 +38,7 @@ def graded(output: str | Path) -> pl.DataFrame:
     tool-call markup or cut off)."""
     results = pl.read_parquet(f"{output}/results/**/*.parquet", hive_partitioning=True)
     traces = pl.read_parquet(f"{output}/traces/**/*.parquet", hive_partitioning=True)
-    tool_results = (
-        traces.filter(pl.col("operation") == "execute_tool")
-        .group_by("job_id")
-        .agg(pl.col("tool_result"))
-    )
+    tool_results = traces.filter(pl.col("operation") == "execute_tool").group_by("job_id").agg(pl.col("tool_result"))
     bad_calls = (
         traces.filter(pl.col("error_type").is_in(["invalid_arguments", "unknown_tool"]))
         .group_by("job_id", "step")
@@ -80,8 +76,11 @@ def scores(output: str | Path) -> dict[str, float]:
     """Format validity over steps, accuracy per task, and the traceable share of answers."""
     table = graded(output)
     steps = int(table["chat_steps"].sum())
-    out = {"jobs": table.height, "steps": steps,
-           "format_valid": 1.0 - int(table["malformed_steps"].sum()) / max(steps, 1)}  # fmt: skip
+    out = {
+        "jobs": table.height,
+        "steps": steps,
+        "format_valid": 1.0 - int(table["malformed_steps"].sum()) / max(steps, 1),
+    }
     for task, group in table.group_by("task", maintain_order=True):
         out[f"accuracy_{task[0]}"] = float(group["correct"].mean())
     answered = table.filter(pl.col("answer").is_not_null())

@@ -10,10 +10,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SYLLABLES = [
-    "ka", "lo", "mi", "ra", "ven", "dor", "sil", "tam", "qu", "bre", "zan", "fel", "gor", "hal", "jun", "lis",
-    "mor", "nel", "pra", "sto", "tur", "vex", "wyn", "zor", "cal", "des", "fin", "gal", "kel", "mar", "nov",
-    "per", "ros", "sel", "tor", "ul", "var", "yen", "bal", "cor",
-]  # fmt: skip
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "dor",
+    "sil",
+    "tam",
+    "qu",
+    "bre",
+    "zan",
+    "fel",
+    "gor",
+    "hal",
+    "jun",
+    "lis",
+    "mor",
+    "nel",
+    "pra",
+    "sto",
+    "tur",
+    "vex",
+    "wyn",
+    "zor",
+    "cal",
+    "des",
+    "fin",
+    "gal",
+    "kel",
+    "mar",
+    "nov",
+    "per",
+    "ros",
+    "sel",
+    "tor",
+    "ul",
+    "var",
+    "yen",
+    "bal",
+    "cor",
+]
 COMPANY_SUFFIXES = ["Labs", "Group", "Works", "Systems", "Industries", "Holdings"]
 SECTORS = ["robotics", "textiles", "shipping", "software", "mining", "banking", "farming", "media"]
 REGIONS = ["north coast", "south coast", "east valley", "west hills", "central plain", "high plateau"]
@@ -67,9 +104,16 @@ def _echo_digits(rng: random.Random, value: int, low: int, high: int) -> int:
     return echoed if low <= echoed < high else value  # same length and leading digit by construction
 
 
-def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, num_people: int = 900,
-               held_out_fraction: float = 0.15, reserved: frozenset[str] = frozenset(),
-               echo_names: float = 0.0, echo_digits: float = 0.0) -> World:  # fmt: skip
+def make_world(
+    seed: int = 0,
+    num_cities: int = 300,
+    num_companies: int = 900,
+    num_people: int = 900,
+    held_out_fraction: float = 0.15,
+    reserved: frozenset[str] = frozenset(),
+    echo_names: float = 0.0,
+    echo_digits: float = 0.0,
+) -> World:
     """Invented entities with unique names; every fact is drawn from `seed` alone. No name uses a word of
     `reserved` (the demo world's name words, for a training world that must not meet its held-out entities).
     An `echo_names` fraction of name words repeats a syllable or a letter at a syllable boundary (`_word`), the
@@ -85,6 +129,7 @@ def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, n
         if echo_digits and rng.random() < echo_digits:  # no draw at all when 0
             value = _echo_digits(rng, value, low, high)
         return value
+
     used: set[str] = set(reserved)
 
     def unique(make) -> str:
@@ -106,16 +151,40 @@ def make_world(seed: int = 0, num_cities: int = 300, num_companies: int = 900, n
         entities.append(Entity(f"doc-{len(entities):04d}", kind, name, {k: str(v) for k, v in facts.items()}))
 
     for name in cities:
-        add("city", name, {"region": rng.choice(REGIONS), "population": number(2_000, 900_000),
-                           "founded": number(1100, 1900), "elevation": number(5, 2500)})  # fmt: skip
+        add(
+            "city",
+            name,
+            {
+                "region": rng.choice(REGIONS),
+                "population": number(2_000, 900_000),
+                "founded": number(1100, 1900),
+                "elevation": number(5, 2500),
+            },
+        )
     for _ in range(num_companies):
         name = unique(lambda: f"{word()} {rng.choice(COMPANY_SUFFIXES)}")
-        add("company", name, {"sector": rng.choice(SECTORS), "city": rng.choice(cities),
-                              "founded": number(1850, 2021), "employees": number(20, 20_000)})  # fmt: skip
+        add(
+            "company",
+            name,
+            {
+                "sector": rng.choice(SECTORS),
+                "city": rng.choice(cities),
+                "founded": number(1850, 2021),
+                "employees": number(20, 20_000),
+            },
+        )
     for _ in range(num_people):
         name = unique(lambda: f"{word()} {word()}")
-        add("person", name, {"profession": rng.choice(PROFESSIONS), "city": rng.choice(cities),
-                             "born": number(1940, 2004), "patents": number(0, 400)})  # fmt: skip
+        add(
+            "person",
+            name,
+            {
+                "profession": rng.choice(PROFESSIONS),
+                "city": rng.choice(cities),
+                "born": number(1940, 2004),
+                "patents": number(0, 400),
+            },
+        )
     order = list(range(len(entities)))
     rng.shuffle(order)
     held_out = frozenset(entities[i].name for i in order[: int(len(entities) * held_out_fraction)])
@@ -131,22 +200,27 @@ def document(entity: Entity) -> str:
     """The corpus text about an entity: the only place its facts are written down."""
     f, n = entity.facts, entity.name
     if entity.kind == "city":
-        return (f"{n} is a city in the {f['region']} region. It was founded in {f['founded']}. "
-                f"Population: {f['population']}. Elevation: {f['elevation']} m.")  # fmt: skip
+        return (
+            f"{n} is a city in the {f['region']} region. It was founded in {f['founded']}. "
+            f"Population: {f['population']}. Elevation: {f['elevation']} m."
+        )
     if entity.kind == "company":
-        return (f"{n} is a {f['sector']} company based in {f['city']}. It was founded in {f['founded']}. "
-                f"Employees: {f['employees']}.")  # fmt: skip
-    return (f"{n} is a {f['profession']} who lives in {f['city']}. Born in {f['born']}. "
-            f"Patents: {f['patents']}.")  # fmt: skip
+        return (
+            f"{n} is a {f['sector']} company based in {f['city']}. It was founded in {f['founded']}. "
+            f"Employees: {f['employees']}."
+        )
+    return f"{n} is a {f['profession']} who lives in {f['city']}. Born in {f['born']}. Patents: {f['patents']}."
 
 
 def corpus_table(world: World) -> pa.Table:
     """The search tool's corpus: doc_id, title, text."""
-    return pa.table({
-        "doc_id": [e.doc_id for e in world.entities],
-        "title": [e.name for e in world.entities],
-        "text": [document(e) for e in world.entities],
-    })  # fmt: skip
+    return pa.table(
+        {
+            "doc_id": [e.doc_id for e in world.entities],
+            "title": [e.name for e in world.entities],
+            "text": [document(e) for e in world.entities],
+        }
+    )
 
 
 def write_corpus(world: World, path: str | Path) -> Path:

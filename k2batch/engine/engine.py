@@ -72,10 +72,14 @@ class Engine:
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         detokenize = self._detokenize if tokenizer is not None else None
         self.schedulers = [
-            Scheduler(config, KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
-                      self.max_model_len, detokenize)
+            Scheduler(
+                config,
+                KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
+                self.max_model_len,
+                detokenize,
+            )
             for _ in range(config.data_parallel_size)
-        ]  # fmt: skip
+        ]
         self.placement = (
             Placement([s.kv.cache for s in self.schedulers], config.block_size) if len(self.schedulers) > 1 else None
         )
@@ -151,9 +155,14 @@ class Engine:
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._default_rng))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(
-            request_id, prompt_ids or [], params, seed=_int64(seed), stop_ids=stop_ids,
-            max_output=min(params.max_new_tokens, self.max_model_len - len(prompt_ids or [])), keep_kv=keep_kv,
-        )  # fmt: skip
+            request_id,
+            prompt_ids or [],
+            params,
+            seed=_int64(seed),
+            stop_ids=stop_ids,
+            max_output=min(params.max_new_tokens, self.max_model_len - len(prompt_ids or [])),
+            keep_kv=keep_kv,
+        )
         error = self._check(prompt_ids, params)
         if error:
             if continue_from:

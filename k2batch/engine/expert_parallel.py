@@ -51,7 +51,9 @@ class ExpertExchange:
         recv_x = self._all_to_all(x[token_of], recv, send)
         recv_ids = self._all_to_all(local_ids, recv, send)
         # Each received pair is its own row with weight 1 (exact), so the expert outputs come back unweighted.
-        y = experts(recv_x, torch.ones(len(recv_ids), 1, dtype=topk_weights.dtype, device=device), recv_ids.unsqueeze(1))
+        y = experts(
+            recv_x, torch.ones(len(recv_ids), 1, dtype=topk_weights.dtype, device=device), recv_ids.unsqueeze(1)
+        )
         back = self._all_to_all(y, send, recv)
         weights = topk_weights.flatten()[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_of, (back * weights).to(x.dtype))
@@ -75,7 +77,9 @@ def enable_expert_parallel(model: K2ForCausalLM, group: dist.ProcessGroup | None
     for layer in model.layers:
         if isinstance(layer.mlp, MoE):
             if layer.mlp.expert_range != share:
-                raise ValueError(f"rank {exchange.rank} must hold experts {share}, the model holds {layer.mlp.expert_range}")
+                raise ValueError(
+                    f"rank {exchange.rank} must hold experts {share}, the model holds {layer.mlp.expert_range}"
+                )
             layer.mlp.exchange = exchange
 
 

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from k2batch.engine.config import EngineConfig
 from k2batch.engine.plan import StepPlan, StepResult
 from k2batch.engine.sampler import sample
+from k2batch.kernels.mla_decode import mla_decode
 from k2batch.model import K2ForCausalLM
 from k2batch.model.config import ModelConfig
 from k2batch.model.layers import MLAttention
-from k2batch.kernels.mla_decode import mla_decode
 
 
 def kv_block_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
@@ -49,7 +49,9 @@ class PagedAttention:
         rows = torch.arange(len(q_lens), device=device)
         # Context tokens of all prefill rows, concatenated: their row, position, and cache slot.
         ctx_row = rows.repeat_interleave(ctx_lens)
-        ctx_pos = torch.arange(len(ctx_row), device=device) - (ctx_lens.cumsum(0) - ctx_lens).repeat_interleave(ctx_lens)
+        ctx_pos = torch.arange(len(ctx_row), device=device) - (ctx_lens.cumsum(0) - ctx_lens).repeat_interleave(
+            ctx_lens
+        )
         self.ctx_slots = tables[ctx_row, ctx_pos // bs] * bs + ctx_pos % bs
         self.ctx_index = (ctx_row, ctx_pos)
         # Query tokens of the prefill rows (the step's tokens after the decode rows): their row and index.
@@ -121,9 +123,14 @@ class ModelRunner:
         if len(plan.banned_rows):
             logits[plan.banned_rows.to(device), plan.banned_ids.to(device)] = float("-inf")
         tokens, logprobs = sample(
-            logits, plan.temperature.to(device), plan.top_k.to(device), plan.top_p.to(device),
-            plan.seeds.to(device), plan.sample_index.to(device), plan.want_logprobs,
-        )  # fmt: skip
+            logits,
+            plan.temperature.to(device),
+            plan.top_k.to(device),
+            plan.top_p.to(device),
+            plan.seeds.to(device),
+            plan.sample_index.to(device),
+            plan.want_logprobs,
+        )
         return StepResult(tokens.cpu(), logprobs.cpu() if logprobs is not None else None)
 
     @torch.inference_mode()

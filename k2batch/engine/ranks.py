@@ -74,10 +74,15 @@ def _rank_main(spec: RankSpec, conn) -> None:
             torch.set_num_threads(spec.threads)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks of one machine talk over loopback
         dist.init_process_group(
-            "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{spec.port}", rank=spec.rank,
-            world_size=spec.world_size, timeout=timedelta(seconds=config.rank_timeout_s),
-        )  # fmt: skip
-        experts = expert_range(read_config(spec.path, spec.storage_options).n_routed_experts, spec.rank, spec.world_size)
+            "nccl" if cuda else "gloo",
+            init_method=f"tcp://127.0.0.1:{spec.port}",
+            rank=spec.rank,
+            world_size=spec.world_size,
+            timeout=timedelta(seconds=config.rank_timeout_s),
+        )
+        experts = expert_range(
+            read_config(spec.path, spec.storage_options).n_routed_experts, spec.rank, spec.world_size
+        )
         model = load_model(spec.path, config.dtype, device, spec.storage_options, experts=experts)
         if config.dequantize_int4:
             for module in model.modules():
@@ -150,8 +155,11 @@ class RankGroup:
         except BaseException:
             self.close(grace_s=1.0)
             raise
-        log.info("%d ranks ready: %s", self.size, ", ".join(f"{i.device} experts {i.experts.start}-{i.experts.stop - 1}"
-                                                              for i in self.info))  # fmt: skip
+        log.info(
+            "%d ranks ready: %s",
+            self.size,
+            ", ".join(f"{i.device} experts {i.experts.start}-{i.experts.stop - 1}" for i in self.info),
+        )
 
     def execute(self, plans: list[StepPlan | None]) -> list[StepResult | None]:
         """Run one step on every rank (a rank without a plan joins the MoE exchanges only); their results."""
@@ -202,7 +210,9 @@ class RankGroup:
         if not failures and not pending:
             return [replies[r] for r in range(self.size)]
         silent = [
-            f"rank {r} did not answer within {timeout_s:g} s" if time.monotonic() > deadline else f"rank {r} did not answer"
+            f"rank {r} did not answer within {timeout_s:g} s"
+            if time.monotonic() > deadline
+            else f"rank {r} did not answer"
             for r in sorted(pending)
         ]
         # The dead and the silent first: they are the cause; their peers' collectives time out after them.

@@ -116,9 +116,16 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _REQUIRED = (
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+)
 
 
 def _rope_config(raw: dict[str, Any]) -> RopeConfig:
@@ -171,7 +178,9 @@ def _quant_config(raw: dict[str, Any] | None) -> QuantConfig | None:
     if method == "compressed-tensors":
         fmt = raw.get("format")
         if fmt != "pack-quantized":
-            raise ValueError(f"config.json: compressed-tensors format {fmt!r} is not supported; expected 'pack-quantized'")
+            raise ValueError(
+                f"config.json: compressed-tensors format {fmt!r} is not supported; expected 'pack-quantized'"
+            )
         for name, group in (raw.get("config_groups") or {}).items():
             w = group.get("weights") or {}
             scheme = (w.get("num_bits"), w.get("type"), w.get("symmetric"), w.get("strategy"))
@@ -181,6 +190,8 @@ def _quant_config(raw: dict[str, Any] | None) -> QuantConfig | None:
                     "(strategy 'group') is supported"
                 )
             if group.get("input_activations"):
-                raise ValueError(f"config.json: quantization group {name!r} quantizes activations; only W4A16 is supported")
+                raise ValueError(
+                    f"config.json: quantization group {name!r} quantizes activations; only W4A16 is supported"
+                )
         return QuantConfig(method="int4", group_size=32)
     raise ValueError(f"config.json: quant_method {method!r} is not supported; expected 'compressed-tensors' or 'fp8'")

@@ -9,9 +9,9 @@ import msgspec
 import torch
 from safetensors.torch import save_file
 
+from k2batch.kernels.int4_moe import pack_int4, quantize_int4
 from k2batch.model.config import ModelConfig
 from k2batch.model.model import K2ForCausalLM
-from k2batch.kernels.int4_moe import pack_int4, quantize_int4
 
 INT4_QUANTIZATION_CONFIG = {
     "quant_method": "compressed-tensors",

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k2batch.kernels.int4_moe import PACK_FACTOR, ExpertWeights, Int4Weight, fused_moe
 from k2batch.model.config import ModelConfig
 from k2batch.model.rope import RotaryEmbedding, softmax_scale
-from k2batch.kernels.int4_moe import PACK_FACTOR, ExpertWeights, Int4Weight, fused_moe
 
 
 class RMSNorm(nn.Module):
@@ -135,7 +135,9 @@ class Router(nn.Module):
             group_scores = choice.view(n, self.n_group, -1).topk(2, dim=-1)[0].sum(-1)
             group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
             group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
-            choice = choice.masked_fill(~group_mask.repeat_interleave(choice.shape[1] // self.n_group, 1), float("-inf"))
+            choice = choice.masked_fill(
+                ~group_mask.repeat_interleave(choice.shape[1] // self.n_group, 1), float("-inf")
+            )
         topk_ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
         topk_weights = scores.gather(1, topk_ids)
         if self.norm_topk_prob:

@@ -19,18 +19,25 @@ import torch
 from fsspec import AbstractFileSystem
 from safetensors import safe_open
 
+from k2batch.kernels.int4_moe import unpack_int4
 from k2batch.model.config import ModelConfig
 from k2batch.model.model import K2ForCausalLM
 from k2batch.storage import filesystem
-from k2batch.kernels.int4_moe import unpack_int4
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "F8_E4M3": torch.float8_e4m3fn,
-}  # fmt: skip
+}
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 # transformers 5 holds each layer's experts stacked (gate||up [E, 2I, H], down [E, H, I]) and writes them so
 # with save_pretrained(save_original_format=False); FP8 scales then sit beside them as `..._scale_inv`.
@@ -61,8 +68,14 @@ class TensorInfo:
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)}")
     return names[dtype]
@@ -105,8 +118,13 @@ def scan_tensors(fs: AbstractFileSystem, root: str) -> dict[str, TensorInfo]:
 def _rows(info: TensorInfo, rows: range) -> TensorInfo:
     """The byte range of rows `rows` (of the first dimension) of a tensor."""
     row_bytes = (info.end - info.start) // info.shape[0] if info.shape and info.shape[0] else 0
-    return TensorInfo(info.file, info.dtype, (len(rows), *info.shape[1:]), info.start + rows.start * row_bytes,
-                      info.start + rows.stop * row_bytes)  # fmt: skip
+    return TensorInfo(
+        info.file,
+        info.dtype,
+        (len(rows), *info.shape[1:]),
+        info.start + rows.start * row_bytes,
+        info.start + rows.stop * row_bytes,
+    )
 
 
 class _LocalTensors:
@@ -208,7 +226,9 @@ def load_model(
     """
     config = read_config(str(path), storage_options)
     dtype = parse_dtype(dtype)
-    if experts is not None and not (0 <= experts.start <= experts.stop <= config.n_routed_experts and experts.step == 1):
+    if experts is not None and not (
+        0 <= experts.start <= experts.stop <= config.n_routed_experts and experts.step == 1
+    ):
         raise ValueError(f"experts {experts} is not a range within the model's {config.n_routed_experts} experts")
     fs, root = filesystem(str(path), storage_options)
     root = root.rstrip("/")
@@ -254,7 +274,9 @@ def _int4_expert_scale_dtype(tensors: dict[str, TensorInfo], config: ModelConfig
     if not packed:
         return None
     if config.quantization is None or config.quantization.method != "int4":
-        raise CheckpointError(f"{packed[0]} is INT4-packed but config.json has no compressed-tensors quantization_config")
+        raise CheckpointError(
+            f"{packed[0]} is INT4-packed but config.json has no compressed-tensors quantization_config"
+        )
     scale_key = packed[0].replace("weight_packed", "weight_scale")
     if scale_key not in tensors:
         raise CheckpointError(f"missing tensor {scale_key} (the scales of {packed[0]})")
@@ -281,8 +303,13 @@ def dequantize_fp8_block(
 class _Filler:
     """Copies checkpoint tensors into the model's (possibly stacked) parameters and tracks what was filled."""
 
-    def __init__(self, model: K2ForCausalLM, reader: _LocalTensors | _RemoteTensors, tensors: dict[str, TensorInfo],
-                 config: ModelConfig):  # fmt: skip
+    def __init__(
+        self,
+        model: K2ForCausalLM,
+        reader: _LocalTensors | _RemoteTensors,
+        tensors: dict[str, TensorInfo],
+        config: ModelConfig,
+    ):
         self.targets = dict(model.named_parameters()) | dict(model.named_buffers())
         self.reader, self.tensors = reader, tensors
         quant = config.quantization

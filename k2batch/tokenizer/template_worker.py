@@ -138,9 +138,11 @@ class TemplateWorker:
             try:
                 proc.stdin.write(_HEADER.pack(len(data)) + data)
                 proc.stdin.flush()
-            except BrokenPipeError:
+            except BrokenPipeError as error:
                 self._stop()
-                raise TemplateBudgetError("the chat template's worker process died; it restarts on the next render")
+                raise TemplateBudgetError(
+                    "the chat template's worker process died; it restarts on the next render"
+                ) from error
             frame = self._read_reply(proc)
         reply = msgspec.msgpack.decode(frame, type=_Reply)
         if reply.error is not None:

@@ -22,13 +22,30 @@ def k2_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("k2-agent")
     config = ModelConfig.from_dict(
         dict(
-            model_type="kimi_k2", vocab_size=1088, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-            num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-            qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-            n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827,
-            max_position_embeddings=4096, eos_token_id=SPECIAL["[EOS]"], rope_theta=50000.0,
+            model_type="kimi_k2",
+            vocab_size=1088,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=16,
+            v_head_dim=16,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.827,
+            max_position_embeddings=4096,
+            eos_token_id=SPECIAL["[EOS]"],
+            rope_theta=50000.0,
         )
-    )  # fmt: skip
+    )
     save_checkpoint(random_model(config, seed=0), path, int4_experts=False)
     ranks = train_byte_bpe(CORPUS, 200)
     lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in ranks.items()]

@@ -20,11 +20,13 @@ RUN = RunInfo(model="m", config_hash="h", shard=0, attempt=1)
 def test_seeds_at_the_edge_of_their_range_run_and_past_it_are_invalid(k2_checkpoint, tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    table = pa.table({
-        "job_id": ["edge", "int64-max", "uint64-max"],
-        "prompt": ["What is 2+3?"] * 3,
-        "seed": pa.array([MAX_SEED - 1, 2**63 - 1, 2**64 - 1], pa.uint64()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "job_id": ["edge", "int64-max", "uint64-max"],
+            "prompt": ["What is 2+3?"] * 3,
+            "seed": pa.array([MAX_SEED - 1, 2**63 - 1, 2**64 - 1], pa.uint64()),
+        }
+    )
     pq.write_table(table, inputs / "jobs.parquet")
     output = str(tmp_path / "out")
     summary = run_batch(str(inputs), output, config_for(k2_checkpoint), engine=answering_engine(k2_checkpoint))
@@ -38,8 +40,16 @@ def test_seeds_at_the_edge_of_their_range_run_and_past_it_are_invalid(k2_checkpo
 
 def outcome(job_id: str, row: int, seed: int) -> EpisodeOutcome:
     result = Result(job_id=job_id, task=None, status="ok", answer="5", steps=1, source_file="f", source_row=row)
-    span = TraceSpan(job_id=job_id, step=0, span_id=f"{job_id}/0/chat0", parent_span_id=None, operation="chat",
-                     start_ns=1, end_ns=2, request_seed=seed)  # fmt: skip
+    span = TraceSpan(
+        job_id=job_id,
+        step=0,
+        span_id=f"{job_id}/0/chat0",
+        parent_span_id=None,
+        operation="chat",
+        start_ns=1,
+        end_ns=2,
+        request_seed=seed,
+    )
     return EpisodeOutcome(result=result, spans=[span])
 
 
@@ -49,8 +59,10 @@ def test_an_episode_whose_outputs_do_not_encode_is_a_row_error():
     results, traces = output_tables(outcomes, [], RUN, inputs)
     rows = results.select(["job_id", "status", "error_type", "customer"]).to_pylist()
     assert [tuple(row.values()) for row in rows] == [
-        ("a", "ok", None, "a"), ("b", "error", "unencodable_output", "b"), ("c", "ok", None, "c")
-    ]  # fmt: skip
+        ("a", "ok", None, "a"),
+        ("b", "error", "unencodable_output", "b"),
+        ("c", "ok", None, "c"),
+    ]
     assert "OverflowError" in results.column("error_message")[1].as_py()
     assert traces.column("job_id").to_pylist() == ["a", "c"]
 
@@ -83,7 +95,20 @@ class ContextOnly:
 @pytest.mark.parametrize("seed", [MAX_SEED - 1, 0])
 def test_default_seeds_stay_in_range(k2_checkpoint, seed):
     # A config seed at the top of the range plus the job id's own seed wraps around, never past MAX_SEED.
-    job = Job(job_id="x", task=None, prompt="p", messages=None, system=None, tools=(), max_steps=None,
-              max_new_tokens=None, temperature=None, top_p=None, seed=None, source_file="f", source_row=0)  # fmt: skip
+    job = Job(
+        job_id="x",
+        task=None,
+        prompt="p",
+        messages=None,
+        system=None,
+        tools=(),
+        max_steps=None,
+        max_new_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        source_file="f",
+        source_row=0,
+    )
     spec = batch.episode_spec(job, config_for(k2_checkpoint, seed=seed), ContextOnly())
     assert 0 <= spec.seed < MAX_SEED

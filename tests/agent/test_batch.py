@@ -52,13 +52,15 @@ def scripted_batch(k2_checkpoint, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("batch")
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    table = pa.table({
-        "job_id": ["j1", "j2", "j2", None, "j5"],
-        "task": ["synthesis", "retrieval", "draft", "draft", None],
-        "prompt": ["What is 2+3?", "Find Paris.", "dup", "no id", "Hi"],
-        "tools": [None, ["calculator"], None, None, ["teleport"]],
-        "customer": ["a", "b", "c", "d", "e"],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "job_id": ["j1", "j2", "j2", None, "j5"],
+            "task": ["synthesis", "retrieval", "draft", "draft", None],
+            "prompt": ["What is 2+3?", "Find Paris.", "dup", "no id", "Hi"],
+            "tools": [None, ["calculator"], None, None, ["teleport"]],
+            "customer": ["a", "b", "c", "d", "e"],
+        }
+    )
     pq.write_table(table, inputs / "part-0.parquet")
     output = str(tmp_path / "out")
     config = config_for(k2_checkpoint)
@@ -169,8 +171,9 @@ def test_shards_an_input_no_longer_has_are_removed(k2_checkpoint, tmp_path):
 
 def write_zero_rows(inputs):
     inputs.mkdir()
-    pq.write_table(pa.table({"job_id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}),
-                   inputs / "jobs.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"job_id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), inputs / "jobs.parquet"
+    )
 
 
 def test_a_batch_without_rows_has_an_empty_result(k2_checkpoint, tmp_path, capsys):
@@ -181,8 +184,17 @@ def test_a_batch_without_rows_has_an_empty_result(k2_checkpoint, tmp_path, capsy
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == 0
 
     (tmp_path / "batch.toml").write_text(f'model = "{k2_checkpoint}"\n')
-    main(["run", "--input", str(tmp_path / "inputs"), "--output", str(tmp_path / "cli"),
-          "--config", str(tmp_path / "batch.toml")])  # fmt: skip
+    main(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "inputs"),
+            "--output",
+            str(tmp_path / "cli"),
+            "--config",
+            str(tmp_path / "batch.toml"),
+        ]
+    )
     assert capsys.readouterr().out.startswith("0 rows: {}")
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["rows"] == 0
     table = inspect_table(str(tmp_path / "cli"), None)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import threading
 import time
 
 import msgspec
+import pytest
 
 from k2batch.agent import Budgets, EpisodeSpec, recorded_caller, registry_caller, run_episodes
 from k2batch.agent.tools import TOOLS, ToolContext, ToolResult, ToolSettings
@@ -30,12 +29,22 @@ def spec(
     job_id: str, *, max_steps: int = 4, max_new_tokens: int = 96, per_episode: int = 76, context: int = 4096
 ) -> EpisodeSpec:
     return EpisodeSpec(
-        job_id=job_id, task="synthesis",
+        job_id=job_id,
+        task="synthesis",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is 2+3? ({job_id})"}],
-        tools=TOOL_NAMES, tool_schemas=TOOLS.schemas(TOOL_NAMES), temperature=0.0, top_p=1.0, top_k=0, seed=7,
-        budgets=Budgets(max_steps=max_steps, max_new_tokens=max_new_tokens, max_new_tokens_per_episode=per_episode,
-                        max_context_tokens=context),
-    )  # fmt: skip
+        tools=TOOL_NAMES,
+        tool_schemas=TOOLS.schemas(TOOL_NAMES),
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        seed=7,
+        budgets=Budgets(
+            max_steps=max_steps,
+            max_new_tokens=max_new_tokens,
+            max_new_tokens_per_episode=per_episode,
+            max_context_tokens=context,
+        ),
+    )
 
 
 def caller(job_ids):
@@ -99,8 +108,10 @@ def test_second_prompt_is_previous_context_plus_rendered_delta(scripted_engine):
     generated = chat_ids(outcome)[0]
     assert second[len(first) : len(first) + len(generated)] == generated
     text = engine.tokenizer.decode(second)
-    assert text.endswith("## Return of functions.nope:1\nerror: unknown tool 'nope'; available: calculator, now"
-                         "<|im_end|><|im_assistant|>assistant<|im_middle|>")  # fmt: skip
+    assert text.endswith(
+        "## Return of functions.nope:1\nerror: unknown tool 'nope'; available: calculator, now"
+        "<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    )
     messages = spec("solo").messages
     assert text.startswith(render_chat(None, messages, TOOLS.schemas(TOOL_NAMES), add_generation_prompt=True))
 
@@ -122,7 +133,7 @@ def test_control_tokens_written_by_users_and_tools_stay_text(scripted_engine):
     assert first.count(im_end) == 3 and first.count(im_system) == 2
     assert f"2+3? {injected}<|im_end|>" in tokenizer.decode(first)
     # Two tool results came back, each one <|im_system|> and one <|im_end|>, after the scripted step's own end.
-    assert second[len(first):].count(im_system) == 2 and second[len(first):].count(im_end) == 3
+    assert second[len(first) :].count(im_system) == 2 and second[len(first) :].count(im_end) == 3
     assert tokenizer.decode(second).count(f"5 {injected}") == 2
     assert outcome.result.status != "error"
 
@@ -130,10 +141,11 @@ def test_control_tokens_written_by_users_and_tools_stay_text(scripted_engine):
 def test_budgets_end_episodes_with_their_status(scripted_engine):
     engine = scripted_engine
     outcomes = run_episodes(
-        engine, engine.tokenizer,
+        engine,
+        engine.tokenizer,
         [spec("steps", max_steps=1), spec("tokens", max_new_tokens=5), spec("episode", per_episode=20)],
         caller(["steps", "tokens", "episode"]),
-    )  # fmt: skip
+    )
     statuses = {o.result.job_id: o.result.status for o in outcomes}
     assert statuses == {"steps": "step_limit", "tokens": "token_limit", "episode": "token_limit"}
     assert outcomes[0].result.tool_calls == 2 and outcomes[0].result.steps == 1
@@ -216,8 +228,11 @@ def test_one_failing_episode_ends_alone_with_status_error(k2_checkpoint, monkeyp
     specs.append(msgspec.structs.replace(spec("parse-bug"), tools=("calculator",)))
     outcomes = {o.result.job_id: o.result for o in run_episodes(engine, engine.tokenizer, specs, flaky)}
     assert {j: r.status for j, r in outcomes.items()} == {
-        "ok1": "ok", "tool-bug": "error", "ok2": "ok", "parse-bug": "error",
-    }  # fmt: skip
+        "ok1": "ok",
+        "tool-bug": "error",
+        "ok2": "ok",
+        "parse-bug": "error",
+    }
     assert outcomes["tool-bug"].error_type == outcomes["parse-bug"].error_type == "episode_error"
     assert outcomes["tool-bug"].error_message == "RuntimeError: caller broke (1 steps done)"
     assert outcomes["parse-bug"].error_message == "ValueError: parser broke (0 steps done)"
@@ -302,10 +317,14 @@ def test_a_300_step_episode_crosses_its_context_budget_again_and_again(k2_checkp
     script_steps(engine, {f":{i}": call for i in range(steps - 1)} | {f":{steps - 1}": tokenizer.encode_chat(ANSWER)})
     prompts = []
     add = engine.add_request
-    engine.add_request = lambda ids, params, **kw: prompts.append((list(ids), kw["continue_from"])) or add(ids, params, **kw)
+    engine.add_request = lambda ids, params, **kw: (
+        prompts.append((list(ids), kw["continue_from"])) or add(ids, params, **kw)
+    )
     job = spec("long", max_steps=steps, max_new_tokens=64, per_episode=steps * 64, context=budget)
     # Room for a whole step (the call is 23 tokens) is what min_new_tokens keeps free, hiding results when short.
-    job = msgspec.structs.replace(job, budgets=msgspec.structs.replace(job.budgets, hidden_tool_result="-", min_new_tokens=64))
+    job = msgspec.structs.replace(
+        job, budgets=msgspec.structs.replace(job.budgets, hidden_tool_result="-", min_new_tokens=64)
+    )
     (outcome,) = run_episodes(engine, tokenizer, [job], lambda *args: ToolResult("reading " * 40))
     result = outcome.result
     assert (result.status, result.steps, result.tool_calls) == ("ok", steps, steps - 1), result.error_message
@@ -358,10 +377,18 @@ def test_a_template_that_opens_think_makes_the_first_words_reasoning(k2_checkpoi
     builtin = files("k2batch.tokenizer").joinpath("k2_thinking.jinja").read_text()
     prompt = "<|im_assistant|>assistant<|im_middle|>\n{%- endif -%}"
     assert prompt in builtin
-    engine.tokenizer.chat_template = builtin.replace(prompt, "<|im_assistant|>assistant<|im_middle|><think>\n{%- endif -%}")
+    engine.tokenizer.chat_template = builtin.replace(
+        prompt, "<|im_assistant|>assistant<|im_middle|><think>\n{%- endif -%}"
+    )
     tokenizer = engine.tokenizer
     calls = CALLS.removeprefix("<think>add them</think>")
-    script_steps(engine, {":0": tokenizer.encode_chat("add them" + calls), ":1": tokenizer.encode_chat("it is five</think>5.<|im_end|>")})
+    script_steps(
+        engine,
+        {
+            ":0": tokenizer.encode_chat("add them" + calls),
+            ":1": tokenizer.encode_chat("it is five</think>5.<|im_end|>"),
+        },
+    )
     (outcome,) = run_episodes(engine, tokenizer, [spec("t", per_episode=400)], caller(["t"]))
     chats = [s for s in outcome.spans if s.operation == "chat"]
     assert (chats[0].reasoning_content, chats[0].content) == ("add them", "")

@@ -55,8 +55,18 @@ def test_a_run_killed_mid_batch_resumes_without_duplicates_or_recompute(k2_check
         '[tools]\nenabled = ["calculator"]\n[shards]\nrows_per_shard = 2\n'
     )
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "k2batch.cli", "run", "--input", str(inputs), "--output", str(out),
-               "--config", str(tmp_path / "batch.toml")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "k2batch.cli",
+        "run",
+        "--input",
+        str(inputs),
+        "--output",
+        str(out),
+        "--config",
+        str(tmp_path / "batch.toml"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -16,11 +16,13 @@ from k2batch.config import StorageConfig
 from tests.agent.test_batch import answering_engine, config_for
 from tests.s3_server import s3_bucket, s3_endpoint, s3_options  # noqa: F401 (fixtures)
 
-JOBS = pa.table({
-    "job_id": ["a", "b", "b", "c", "d"],
-    "prompt": ["What is 2+3?", "Add 2 and 3.", "dup", "Sum 2, 3", "2 plus 3"],
-    "customer": ["w", "x", "y", "z", "v"],
-})  # fmt: skip
+JOBS = pa.table(
+    {
+        "job_id": ["a", "b", "b", "c", "d"],
+        "prompt": ["What is 2+3?", "Add 2 and 3.", "dup", "Sum 2, 3", "2 plus 3"],
+        "customer": ["w", "x", "y", "z", "v"],
+    }
+)
 
 
 def scan(uri: str, options: dict) -> pl.DataFrame:
@@ -29,7 +31,7 @@ def scan(uri: str, options: dict) -> pl.DataFrame:
     ).collect()
 
 
-def test_run_batch_reads_and_writes_s3(k2_checkpoint, s3_bucket, s3_options):  # noqa: F811
+def test_run_batch_reads_and_writes_s3(k2_checkpoint, s3_bucket, s3_options):
     inputs, output = f"{s3_bucket}/inputs/b1", f"{s3_bucket}/outputs/b1"
     storage.write_parquet_atomic(f"{inputs}/jobs.parquet", JOBS, s3_options)
     config = msgspec.structs.replace(config_for(k2_checkpoint), storage=StorageConfig(options=s3_options))
@@ -45,11 +47,12 @@ def test_run_batch_reads_and_writes_s3(k2_checkpoint, s3_bucket, s3_options):  #
     names = storage.child_names(f"{output}/manifests", s3_options)
     assert names == ["shard=00000.json", "shard=00001.json"]
     assert json.loads(storage.read_bytes(f"{output}/summary.json", s3_options))["rows_by_status"] == {
-        "invalid": 1, "ok": 4,
-    }  # fmt: skip
+        "invalid": 1,
+        "ok": 4,
+    }
 
 
-def test_cli_run_and_inspect_on_s3(k2_checkpoint, s3_bucket, s3_endpoint, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_cli_run_and_inspect_on_s3(k2_checkpoint, s3_bucket, s3_endpoint, tmp_path, monkeypatch, capsys):
     inputs, output = f"{s3_bucket}/inputs/b2", f"{s3_bucket}/outputs/b2"
     options = {"endpoint_url": s3_endpoint, "client_kwargs": {"region_name": "eu-west-1"}}
     # Credentials come from the environment, as a config file may not hold them.

@@ -24,7 +24,7 @@ def test_k2batch_run_skips_a_fifo_among_the_inputs_and_a_fifo_manifest(k2_checkp
     special_files(inputs)
     (tmp_path / "batch.toml").write_text(
         f'model = "{k2_checkpoint}"\n[engine]\nmax_num_seqs = 4\nnum_kv_blocks = 256\n'
-        '[sampling]\ntemperature = 0.0\nmax_new_tokens = 4\n[agent]\nmax_steps = 1\n[tools]\nenabled = []\n'
+        "[sampling]\ntemperature = 0.0\nmax_new_tokens = 4\n[agent]\nmax_steps = 1\n[tools]\nenabled = []\n"
     )
     output = tmp_path / "out"
     command = ["run", "--input", str(inputs), "--output", str(output), "--config", str(tmp_path / "batch.toml")]

@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -423,9 +422,7 @@ def test_registry_timeout_kills_the_subprocess(bwrap: Sandbox) -> None:
     before = set(live_children())
     result = TOOLS.call("python", json.dumps({"code": "import time\ntime.sleep(60)"}), ctx, 0.5, 1000)
     # The registry and the sandbox stop at the same deadline; either may report first.
-    assert (
-        result.error_type == "timeout" or result.content == "[killed: the tool call's time limit was reached]"
-    )
+    assert result.error_type == "timeout" or result.content == "[killed: the tool call's time limit was reached]"
     time.sleep(0.5)  # the tool thread kills and reaps its child at the same deadline
     assert set(live_children()) <= before
 
@@ -475,8 +472,11 @@ def test_the_sandbox_tests_pass_as_a_plain_user() -> None:
     )
     done = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     # Both sandboxes ran; the one test skipped is the one about the weaker sandbox run by root.
     skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]

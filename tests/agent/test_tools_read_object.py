@@ -27,9 +27,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def read(tree: Path, uri: str, prefixes: tuple[str, ...] = ()) -> ToolResult:
-    settings = ToolSettings(
-        read_object_prefixes=prefixes or (f"file://{tree}/allowed/", "memory://k2batch-tests/docs")
-    )
+    settings = ToolSettings(read_object_prefixes=prefixes or (f"file://{tree}/allowed/", "memory://k2batch-tests/docs"))
     ctx = ToolContext.for_job("job-1", "synthesis", settings)
     return TOOLS.call("read_object", json.dumps({"uri": uri}), ctx, 10.0, 10_000)
 
@@ -119,7 +117,7 @@ def test_an_episode_sees_one_version_of_an_object(tree: Path) -> None:
     assert TOOLS.call("read_object", json.dumps({"uri": str(path)}), fresh, 10.0, 1000).content == "changed"
 
 
-def test_traversal_on_s3_is_refused_and_the_prefix_reads(s3_bucket: str, s3_options: dict) -> None:  # noqa: F811
+def test_traversal_on_s3_is_refused_and_the_prefix_reads(s3_bucket: str, s3_options: dict) -> None:
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_options)

@@ -77,9 +77,7 @@ def test_registration_refuses_bad_names_duplicates_and_unsupported_schemas(regis
     with pytest.raises(ValueError, match="must match"):
         registry.tool(name="functions.x:0", description="", parameters=params)
     with pytest.raises(ValueError, match="unsupported schema keywords \\['pattern'\\]"):
-        registry.tool(
-            name="x", description="", parameters={"type": "object", "properties": {"a": {"pattern": "x"}}}
-        )
+        registry.tool(name="x", description="", parameters={"type": "object", "properties": {"a": {"pattern": "x"}}})
     with pytest.raises(ValueError, match="type 'object'"):
         registry.tool(name="x", description="", parameters={"type": "string"})
     with pytest.raises(ValueError, match="not in properties"):
@@ -103,10 +101,7 @@ def test_unknown_tool_lists_the_available_ones(registry: ToolRegistry) -> None:
 
 def test_builtin_unknown_tool_message() -> None:
     result = TOOLS.call("serch", "{}", make_ctx(), 1.0, 1000)
-    assert (
-        result.content
-        == "error: unknown tool 'serch'; available: calculator, now, python, read_object, search"
-    )
+    assert result.content == "error: unknown tool 'serch'; available: calculator, now, python, read_object, search"
 
 
 @pytest.mark.parametrize(

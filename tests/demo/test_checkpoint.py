@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import train_demo
+
 from k2batch import cli
 from k2batch.demo.tasks import TASKS
 from k2batch.demo.workspace import graded
@@ -33,7 +33,10 @@ def test_demo_checkpoint_is_k2_thinking_format():
     assert model.layers[1].mlp.shared_experts is not None and model.config.q_lora_rank
     tokenizer = load_tokenizer(str(DEMO))
     assert tokenizer.chat_template and "<|tool_calls_section_begin|>" in tokenizer.special_tokens
-    assert json.loads((DEMO / "generation_config.json").read_text())["eos_token_id"][0] == tokenizer.special_tokens["<|im_end|>"]
+    assert (
+        json.loads((DEMO / "generation_config.json").read_text())["eos_token_id"][0]
+        == tokenizer.special_tokens["<|im_end|>"]
+    )
 
 
 def test_demo_command_answers_held_out_jobs(tmp_path, monkeypatch, capsys):
@@ -63,15 +66,39 @@ def recipe(record: dict) -> list[dict]:
 
 
 def settings(args) -> tuple:
-    return (args.seed, args.jobs, args.steps, args.qat_steps, args.lr, args.qk_clip, args.fresh_worlds, args.tasks,
-            args.balanced_lengths, args.echo_names, args.echo_digits, args.typos, args.init)  # fmt: skip
+    return (
+        args.seed,
+        args.jobs,
+        args.steps,
+        args.qat_steps,
+        args.lr,
+        args.qk_clip,
+        args.fresh_worlds,
+        args.tasks,
+        args.balanced_lengths,
+        args.echo_names,
+        args.echo_digits,
+        args.typos,
+        args.init,
+    )
 
 
 def recorded_settings(run: dict) -> tuple:
-    return (run["seed"], run["num_jobs"], run["steps"], run["qat_steps"], run["lr"], run["qk_clip_threshold"],
-            run.get("fresh_worlds", 0), tuple(run.get("tasks", TASKS)), run.get("balanced_lengths", 0.0),
-            run.get("echo_names", 0.0), run.get("echo_digits", 0.0), run.get("typos", 0.0),
-            run.get("init"))  # fmt: skip
+    return (
+        run["seed"],
+        run["num_jobs"],
+        run["steps"],
+        run["qat_steps"],
+        run["lr"],
+        run["qk_clip_threshold"],
+        run.get("fresh_worlds", 0),
+        tuple(run.get("tasks", TASKS)),
+        run.get("balanced_lengths", 0.0),
+        run.get("echo_names", 0.0),
+        run.get("echo_digits", 0.0),
+        run.get("typos", 0.0),
+        run.get("init"),
+    )
 
 
 def test_training_json_holds_the_commands_that_reproduce_the_committed_checkpoint():
@@ -83,11 +110,23 @@ def test_training_json_holds_the_commands_that_reproduce_the_committed_checkpoin
     args = train_demo.build_parser().parse_args(["--seed", str(first["seed"])])
     assert settings(args) == recorded_settings(first)
     defaults = inspect.signature(train_demo.train_demo).parameters
-    assert (defaults["num_jobs"].default, defaults["fresh_worlds"].default, defaults["tasks"].default,
-            defaults["balanced_lengths"].default, defaults["echo_names"].default, defaults["echo_digits"].default,
-            defaults["typos"].default) == (
-        args.jobs, args.fresh_worlds, args.tasks, args.balanced_lengths, args.echo_names, args.echo_digits,
-        args.typos)  # fmt: skip
+    assert (
+        defaults["num_jobs"].default,
+        defaults["fresh_worlds"].default,
+        defaults["tasks"].default,
+        defaults["balanced_lengths"].default,
+        defaults["echo_names"].default,
+        defaults["echo_digits"].default,
+        defaults["typos"].default,
+    ) == (
+        args.jobs,
+        args.fresh_worlds,
+        args.tasks,
+        args.balanced_lengths,
+        args.echo_names,
+        args.echo_digits,
+        args.typos,
+    )
     for run in later:
         assert settings(train_demo.build_parser().parse_args(arguments(run["command"]))) == recorded_settings(run)
     # The newest run names the commit of the code it ran on (a run from scratch lands where the float arithmetic
@@ -122,11 +161,13 @@ def test_train_demo_rejects_a_negative_number_of_fresh_worlds(capsys):
 def test_train_demo_parses_the_task_mix_and_rejects_bad_ones(capsys):
     args = train_demo.build_parser().parse_args(["--tasks", "synthesis, retrieval", "--balanced-lengths", "1"])
     assert args.tasks == ("synthesis", "retrieval") and args.balanced_lengths == 1.0
-    for flag, value, message in (("--tasks", "retrieval,summary", "tasks must be a non-empty sequence of retrieval, draft, synthesis"),
-                                 ("--balanced-lengths", "2", "must be in [0, 1], got 2.0"),
-                                 ("--echo-names", "-0.1", "must be in [0, 1], got -0.1"),
-                                 ("--echo-digits", "1.5", "must be in [0, 1], got 1.5"),
-                                 ("--typos", "-1", "must be in [0, 1], got -1.0")):  # fmt: skip
+    for flag, value, message in (
+        ("--tasks", "retrieval,summary", "tasks must be a non-empty sequence of retrieval, draft, synthesis"),
+        ("--balanced-lengths", "2", "must be in [0, 1], got 2.0"),
+        ("--echo-names", "-0.1", "must be in [0, 1], got -0.1"),
+        ("--echo-digits", "1.5", "must be in [0, 1], got 1.5"),
+        ("--typos", "-1", "must be in [0, 1], got -1.0"),
+    ):
         with pytest.raises(SystemExit):
             train_demo.build_parser().parse_args([flag, value])
         assert message in capsys.readouterr().err

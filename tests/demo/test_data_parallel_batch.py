@@ -53,7 +53,9 @@ def test_two_ranks_run_a_batch_as_one_does(tmp_path):
     assert one.height == 9 and (one["tool_calls"] > 0).all() and (one["status"] == "ok").all()
     assert two.select(columns).equals(one.select(columns))
     chats = pl.col("operation") == "chat"
-    assert two_traces.filter(chats)["output_token_ids"].to_list() == one_traces.filter(chats)["output_token_ids"].to_list()
+    assert (
+        two_traces.filter(chats)["output_token_ids"].to_list() == one_traces.filter(chats)["output_token_ids"].to_list()
+    )
     tools = pl.col("operation") == "execute_tool"
     assert two_traces.filter(tools)["tool_result"].to_list() == one_traces.filter(tools)["tool_result"].to_list()
     # Both ranks ran episodes (every step of an episode is a request on its session's rank).

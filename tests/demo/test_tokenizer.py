@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from demo_tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 from k2batch.tokenizer import load_tokenizer, parse_assistant
 from k2batch.tokenizer.chat import BUILTIN_TEMPLATE
-
-from demo_tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

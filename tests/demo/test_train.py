@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import train_demo
-from k2batch.model import load_model
-from k2batch.model.config import ModelConfig
-from k2batch.kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
 from one_thread_arithmetic import OneThreadArithmetic
 from train_demo import (
     ExpertLoad,
@@ -39,15 +35,36 @@ from train_demo import (
     trainable_model,
 )
 
+from k2batch.kernels.int4_moe import pack_int4, quantize_int4, unpack_int4
+from k2batch.model import load_model
+from k2batch.model.config import ModelConfig
+
 TINY = ModelConfig.from_dict(
     dict(
-        model_type="kimi_k2", vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827,
-        max_position_embeddings=256, rope_theta=50000.0, eos_token_id=1,
+        model_type="kimi_k2",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.827,
+        max_position_embeddings=256,
+        rope_theta=50000.0,
+        eos_token_id=1,
     )
-)  # fmt: skip
+)
 
 
 def batch(seed: int = 0):
@@ -146,7 +163,9 @@ def test_export_then_load_round_trip_int4_and_bf16(tmp_path):
     w13 = torch.stack(list(experts(model)[0].gate_up)).detach()
     assert torch.equal(loaded.weights()[0].dequantize(torch.float32), fake_quant_int4(w13))
     assert torch.equal(bf16.layers[1].mlp.experts.w13, w13.to(torch.bfloat16).float())
-    assert torch.equal(int4.layers[1].mlp.gate.e_score_correction_bias, model.layers[1].mlp.gate.e_score_correction_bias)
+    assert torch.equal(
+        int4.layers[1].mlp.gate.e_score_correction_bias, model.layers[1].mlp.gate.e_score_correction_bias
+    )
     assert int4.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     # The loaded INT4 model computes what the QAT model computes, up to bf16 rounding of the other weights.
     assert torch.allclose(int4.score(ids), model.score(ids), atol=0.1)
@@ -170,9 +189,11 @@ def prefixed_batch(prefix: int = 10):
 
 
 def test_shared_prefix_is_the_common_start_cut_before_the_first_trained_token():
-    examples = [([5, 6, 7, 8, 9], [False, False, False, True, True]),
-                ([5, 6, 7, 8, 1, 2], [False, False, False, False, True, True]),
-                ([5, 6, 3], [False, False, True])]  # fmt: skip
+    examples = [
+        ([5, 6, 7, 8, 9], [False, False, False, True, True]),
+        ([5, 6, 7, 8, 1, 2], [False, False, False, False, True, True]),
+        ([5, 6, 3], [False, False, True]),
+    ]
     assert shared_prefix(examples, [0, 1]) == 2  # common start 4, but token 3 of episode 0 is trained
     assert shared_prefix(examples, [1, 1]) == 3  # identical episodes: short of the token that predicts a target
     assert shared_prefix(examples, [0, 2]) == 1
@@ -229,7 +250,9 @@ def test_training_loop_with_a_shared_prefix_trains_and_exports_as_the_whole_prom
     for share in (False, True):
         out = tmp_path / f"share-{share}"
         summary = train_model(examples, special, out, steps=3, qat_steps=1, tokens_per_batch=256, share_prefix=share)
-        bias = torch.stack([m.e_score_correction_bias for m in summary["model"].modules() if hasattr(m, "e_score_correction_bias")])
+        bias = torch.stack(
+            [m.e_score_correction_bias for m in summary["model"].modules() if hasattr(m, "e_score_correction_bias")]
+        )
         runs[share] = (summary, bias)
         assert (out / "config.json").exists() and summary["share_prefix"] is share
     (full, bias_full), (shared, bias_shared) = runs[False], runs[True]
@@ -260,14 +283,16 @@ def test_training_goes_on_from_a_checkpoint_with_its_weights_and_router_biases(t
     first = train_model(examples, special, tmp_path / "first", steps=6, qat_steps=0, tokens_per_batch=128, lr=1e-2)
     export(first["model"], first["config"], tmp_path / "first-bf16", int4_experts=False)
 
-    second = train_model(examples, special, tmp_path / "second", steps=1, qat_steps=0, tokens_per_batch=128,
-                         init=tmp_path / "first-bf16")  # fmt: skip
+    second = train_model(
+        examples, special, tmp_path / "second", steps=1, qat_steps=0, tokens_per_batch=128, init=tmp_path / "first-bf16"
+    )
     # The same seed gives the same first batch: a fresh start would repeat the first run's first loss.
     loaded = load_model(tmp_path / "first-bf16", torch.float32)
     ids, target = collate(examples, next(batches(examples, 128, random.Random(0))))
     with torch.no_grad():
-        hidden = loaded(ids.reshape(-1), torch.arange(ids.shape[1]).repeat(ids.shape[0]),
-                        TrainingAttention(*ids.shape)).view(*ids.shape, -1)  # fmt: skip
+        hidden = loaded(
+            ids.reshape(-1), torch.arange(ids.shape[1]).repeat(ids.shape[0]), TrainingAttention(*ids.shape)
+        ).view(*ids.shape, -1)
         logits = loaded.lm_head(hidden[:, :-1][target[:, 1:]])
         expected = float(torch.nn.functional.cross_entropy(logits, ids[:, 1:][target[:, 1:]]))
     assert second["losses"][0] == pytest.approx(expected, rel=1e-4)
@@ -288,8 +313,19 @@ def test_train_demo_command_goes_on_from_a_checkpoint_and_records_both_runs(tmp_
     tiny = ["--jobs", "6", "--fresh-worlds", "1", "--steps", "1", "--qat-steps", "0", "--threads", "1"]
     first, second = tmp_path / "first", tmp_path / "second"
     train_demo.main([*tiny, "--out", str(first), "--bf16-out", f"{first}-bf16"])
-    argv = [*tiny, "--seed", "1", "--lr", "1e-4", "--init", f"{first}-bf16", "--out", str(second),
-            "--bf16-out", f"{second}-bf16"]  # fmt: skip
+    argv = [
+        *tiny,
+        "--seed",
+        "1",
+        "--lr",
+        "1e-4",
+        "--init",
+        f"{first}-bf16",
+        "--out",
+        str(second),
+        "--bf16-out",
+        f"{second}-bf16",
+    ]
     train_demo.main(argv)
 
     assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
@@ -313,8 +349,11 @@ def test_train_demo_runs_as_the_script_the_model_card_gives(tmp_path):
     argv = ["--jobs", "3", "--fresh-worlds", "1", "--steps", "1", "--qat-steps", "0", "--threads", "1"]
     done = subprocess.run(
         [sys.executable, "workspace/training/train_demo.py", *argv, "--out", str(out), "--bf16-out", f"{out}-bf16"],
-        cwd=train_demo.REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=train_demo.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert "trained in" in done.stdout and (out / "model.safetensors").exists()
     assert load_model(out).config.n_routed_experts == 8
@@ -419,14 +458,14 @@ def test_the_ops_outside_one_thread_arithmetic_give_the_same_bits_on_one_and_two
     after = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        m, o, l = copy.deepcopy((model, opts, load))
+        m, o, balance = copy.deepcopy((model, opts, load))
         for p, q in zip(model.parameters(), m.parameters(), strict=True):
             q.grad = None if p.grad is None else p.grad.clone()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         for opt in o:
             opt.step()
         qk_clip(m, {layer: x * 20 for layer, x in attention.max_logits.items()}, 50.0)  # some heads over 50
-        l.update_bias(1e-3)
+        balance.update_bias(1e-3)
         after.append(m.state_dict())
     assert all(torch.equal(after[0][name], after[1][name]) for name in after[0])
 

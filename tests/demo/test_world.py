@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 
+from demo_episodes import assistant_text, episode_pieces, initial_messages, tool_runner, training_pieces
+
 from k2batch.agent.tools import TOOLS
 from k2batch.config import load_config
 from k2batch.demo.tasks import TASKS, gold_episode, grade, job_rows, make_jobs, traceable
 from k2batch.demo.world import corpus_table, make_world
 from k2batch.tokenizer import parse_assistant, render_chat
-
-from demo_episodes import assistant_text, episode_pieces, initial_messages, tool_runner, training_pieces
 
 
 def test_world_and_jobs_are_deterministic_from_the_seed(world):
@@ -126,7 +126,9 @@ def test_gold_episodes_think_before_every_call_and_answer_with_real_tool_results
         assert len(assistants) == (3 if job.task == "synthesis" else 2)
         for message in steps:
             if message["role"] == "tool":
-                call = next(c for m in assistants for c in m.get("tool_calls", []) if c["id"] == message["tool_call_id"])
+                call = next(
+                    c for m in assistants for c in m.get("tool_calls", []) if c["id"] == message["tool_call_id"]
+                )
                 assert message["content"] == run_tool(call["function"]["name"], call["function"]["arguments"])
         answer = assistants[-1]["content"]
         assert grade(job.task, job.expected, answer)
@@ -160,6 +162,7 @@ def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
     """Training episodes over fresh worlds: real searches over their own corpora, and not one name word of the
     demo world (whose held-out entities evaluation uses) in any of them."""
     from train_demo import build_data
+
     from k2batch.demo.world import name_words
 
     demo = make_world()
@@ -180,8 +183,8 @@ def test_fresh_training_worlds_never_meet_the_demo_worlds_names(tmp_path):
 def test_build_data_gives_echo_names_and_digits_to_the_fresh_worlds_only(tmp_path):
     import polars as pl
     import pytest
-
     from train_demo import build_data
+
     from k2batch.demo.world import COMPANY_SUFFIXES
 
     for option in ("echo_names", "echo_digits"):
@@ -196,14 +199,22 @@ def test_build_data_gives_echo_names_and_digits_to_the_fresh_worlds_only(tmp_pat
 
 
 def test_traceable_needs_every_number_doc_id_category_and_name_in_a_tool_result():
-    results = ["[doc-0171] Juntur\nJuntur is a city in the north coast region. It was founded in 1805. "
-               "Population: 281633. Elevation: 695 m.", "-36"]  # fmt: skip
+    results = [
+        "[doc-0171] Juntur\nJuntur is a city in the north coast region. It was founded in 1805. "
+        "Population: 281633. Elevation: 695 m.",
+        "-36",
+    ]
     good = "Juntur is a city in the north coast region, founded in 1805, with 281633 people at 695 m [doc-0171]."
     assert traceable(good, results)
     assert traceable("Juntur has 36 more", results)  # the calculator's -36 is the answer's 36
-    for wrong in (good.replace("north coast", "south coast"), good.replace("north coast", "west coast"),
-                  good.replace("north coast", "high valley"), good.replace("Juntur", "Junturtur", 1),
-                  good.replace("1805", "1850"), good.replace("doc-0171", "doc-0117")):  # fmt: skip
+    for wrong in (
+        good.replace("north coast", "south coast"),
+        good.replace("north coast", "west coast"),
+        good.replace("north coast", "high valley"),
+        good.replace("Juntur", "Junturtur", 1),
+        good.replace("1805", "1850"),
+        good.replace("doc-0171", "doc-0117"),
+    ):
         assert not traceable(wrong, results), wrong
     assert not traceable(None, results) and not traceable("", results)
 
@@ -263,7 +274,8 @@ def _typo_job(world, task, kind):
     """A training job of `task` over an entity of `kind` (for synthesis: the first of the pair)."""
     by_name = {e.name: e for e in world.entities}
     return next(
-        j for j in make_jobs(world, 300, seed=4, held_out=False)
+        j
+        for j in make_jobs(world, 300, seed=4, held_out=False)
         if j.task == task and by_name[j.entities[0]].kind == kind
     )
 
@@ -276,8 +288,11 @@ def test_a_typo_episode_learns_the_recovery_not_the_mistake(world, corpus):
 
     config = load_config()
     run_tool = tool_runner(config, corpus)
-    for task, kind, seen in (("retrieval", "city", "found nothing"), ("draft", "company", "are not about"),
-                             ("synthesis", "city", "found nothing")):  # fmt: skip
+    for task, kind, seen in (
+        ("retrieval", "city", "found nothing"),
+        ("draft", "company", "are not about"),
+        ("synthesis", "city", "found nothing"),
+    ):
         job = _typo_job(world, task, kind)
         name = job.entities[0]
         wrong = name.split()[0] + "dordor" + "".join(" " + w for w in name.split()[1:])
@@ -292,8 +307,10 @@ def test_a_typo_episode_learns_the_recovery_not_the_mistake(world, corpus):
         assert seen in retry["reasoning_content"] and f"The question names {name}." in retry["reasoning_content"]
         assert [json.loads(c["function"]["arguments"])["query"] for c in retry["tool_calls"]] == [name]
         ids = [c["id"] for m in assistants for c in m.get("tool_calls", [])]
-        assert ids == [f"functions.{c['function']['name']}:{i}" for i, c in
-                       enumerate(c for m in assistants for c in m.get("tool_calls", []))]  # fmt: skip
+        assert ids == [
+            f"functions.{c['function']['name']}:{i}"
+            for i, c in enumerate(c for m in assistants for c in m.get("tool_calls", []))
+        ]
         answer = assistants[-1]["content"]
         assert grade(job.task, job.expected, answer)
         assert traceable(answer, [m["content"] for m in steps if m["role"] == "tool"])

@@ -18,12 +18,29 @@ from tests.engine.test_step import _drain
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
 CONFIG = dict(
-    model_type="kimi_k2", vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-    num_hidden_layers=3, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-    qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=7, n_shared_experts=1, num_experts_per_tok=3, n_group=1,
-    topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827, max_position_embeddings=4096,
-    eos_token_id=1, rope_theta=50000.0,
-)  # fmt: skip
+    model_type="kimi_k2",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=16,
+    v_head_dim=16,
+    n_routed_experts=7,
+    n_shared_experts=1,
+    num_experts_per_tok=3,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.827,
+    max_position_embeddings=4096,
+    eos_token_id=1,
+    rope_theta=50000.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +53,23 @@ def checkpoint(tmp_path_factory):
 def _prompts(n=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     prefixes = [torch.randint(2, 256, (int(length),), generator=g).tolist() for length in (37, 21, 0)]
-    return [prefixes[i % 3] + torch.randint(2, 256, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g).tolist() for i in range(n)]
+    return [
+        prefixes[i % 3] + torch.randint(2, 256, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g).tolist()
+        for i in range(n)
+    ]
 
 
 def _engine(checkpoint, ranks, **overrides):
-    config = EngineConfig(**{"data_parallel_size": ranks, "block_size": 4, "max_num_seqs": 8, "num_kv_blocks": 256,
-                             "rank_timeout_s": 60.0, **overrides})  # fmt: skip
+    config = EngineConfig(
+        **{
+            "data_parallel_size": ranks,
+            "block_size": 4,
+            "max_num_seqs": 8,
+            "num_kv_blocks": 256,
+            "rank_timeout_s": 60.0,
+            **overrides,
+        }
+    )
     return Engine.from_pretrained(checkpoint, config)
 
 
@@ -62,7 +90,9 @@ def test_two_ranks_give_the_one_rank_outputs(checkpoint):
         fs, root = filesystem(checkpoint)
         tensors = scan_tensors(fs, root)
         for info in engine.ranks.info:
-            own = sum(t.end - t.start for key, t in tensors.items() if _expert(key) is None or _expert(key) in info.experts)
+            own = sum(
+                t.end - t.start for key, t in tensors.items() if _expert(key) is None or _expert(key) in info.experts
+            )
             assert info.checkpoint_bytes_read == own
         assert [i.experts for i in engine.ranks.info] == [range(0, 4), range(4, 7)]
         total = sum(t.end - t.start for t in tensors.values())

@@ -76,14 +76,18 @@ def test_greedy_matches_transformers(model, prompts_and_reference, name):
     if name == "preemption":
         assert engine.stats.preemptions > 0
     if name == "chunked_prefill":
-        prefill_steps = [sum(1 for rid, first in chunks if rid == o.request_id and first < len(o.prompt_ids)) for o in outputs]
+        prefill_steps = [
+            sum(1 for rid, first in chunks if rid == o.request_id and first < len(o.prompt_ids)) for o in outputs
+        ]
         assert max(prefill_steps) >= 3  # a 69-token prompt over a 24-token budget
 
 
 def test_shared_prefix_prefilled_once(model):
     g = torch.Generator().manual_seed(1)
     prefix = torch.randint(2, 256, (1000,), generator=g).tolist()
-    suffixes = [torch.randint(2, 256, (int(torch.randint(8, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(100)]
+    suffixes = [
+        torch.randint(2, 256, (int(torch.randint(8, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(100)
+    ]
     prompts = [prefix + s for s in suffixes]
     params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
     cached = Engine(model, EngineConfig(max_num_batched_tokens=4096))
@@ -261,7 +265,9 @@ def test_stop_tokens_and_context_limit(model):
 
 
 def test_logprobs(model):
-    out = Engine(model, EngineConfig()).generate([[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=3, logprobs=True))[0]
+    out = Engine(model, EngineConfig()).generate(
+        [[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=3, logprobs=True)
+    )[0]
     assert len(out.logprobs) == 3 and all(lp <= 0 for lp in out.logprobs)
     logits = model.score(torch.tensor([[3, 4, 5]]))[0, -1]
     assert out.logprobs[0] == pytest.approx(logits.log_softmax(-1).max().item(), abs=1e-5)
@@ -305,7 +311,9 @@ def test_min_tokens_holds_off_stops(model):
     engine = Engine(model, EngineConfig())
     free = engine.generate([[3, 4, 5]], GREEDY)[0].token_ids
     stop = (free[0], free[4])
-    held = engine.generate([[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=stop, min_tokens=3))[0]
+    held = engine.generate(
+        [[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=stop, min_tokens=3)
+    )[0]
     assert len(held.token_ids) >= 3 and not set(held.token_ids[:3]) & set(stop)
     assert held.token_ids[0] != free[0]  # the greedy first token was a stop token: the next best came instead
     sampled = SamplingParams(temperature=1.0, seed=5, max_new_tokens=6, stop_token_ids=tuple(range(256)), min_tokens=4)

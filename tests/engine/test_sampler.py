@@ -43,7 +43,14 @@ def test_greedy_rows_are_exact_argmax_beside_sampled_rows():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(8, 300, generator=g)
     temperature = torch.tensor([0.0, 1.0, 0.0, 0.7, 0.0, 1.5, 0.0, 1.0])
-    tokens, _ = sample(logits, temperature, torch.zeros(8, dtype=torch.long), torch.ones(8), torch.arange(8), torch.zeros(8, dtype=torch.long))
+    tokens, _ = sample(
+        logits,
+        temperature,
+        torch.zeros(8, dtype=torch.long),
+        torch.ones(8),
+        torch.arange(8),
+        torch.zeros(8, dtype=torch.long),
+    )
     greedy = temperature == 0
     assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
 
@@ -57,9 +64,13 @@ def test_a_seeded_draw_depends_on_its_seed_and_index_only():
     mixed = []
     for i in range(20):
         tokens, _ = sample(
-            batch, torch.tensor([1.0, 0.0, 0.5, 1.0, 2.0, 1.0]), torch.tensor([0, 0, 3, 0, 0, 0]),
-            torch.tensor([1.0, 1.0, 1.0, 0.5, 1.0, 1.0]), torch.tensor([1, 2, 3, 4, 5, 42]), torch.full((6,), i),
-        )  # fmt: skip
+            batch,
+            torch.tensor([1.0, 0.0, 0.5, 1.0, 2.0, 1.0]),
+            torch.tensor([0, 0, 3, 0, 0, 0]),
+            torch.tensor([1.0, 1.0, 1.0, 0.5, 1.0, 1.0]),
+            torch.tensor([1, 2, 3, 4, 5, 42]),
+            torch.full((6,), i),
+        )
         mixed.append(int(tokens[-1]))
     assert mixed == alone
     assert len(set(alone)) > 5  # successive indices draw afresh
@@ -81,9 +92,13 @@ def test_draws_follow_the_filtered_distribution():
     n = 20_000
     temperature, top_p = 0.8, 0.9
     tokens, _ = sample(
-        logits.expand(n, -1), torch.full((n,), temperature), torch.zeros(n, dtype=torch.long), torch.full((n,), top_p),
-        torch.arange(n), torch.zeros(n, dtype=torch.long),
-    )  # fmt: skip
+        logits.expand(n, -1),
+        torch.full((n,), temperature),
+        torch.zeros(n, dtype=torch.long),
+        torch.full((n,), top_p),
+        torch.arange(n),
+        torch.zeros(n, dtype=torch.long),
+    )
     expected = filter_top_k_top_p((logits / temperature).unsqueeze(0), torch.tensor([0]), torch.tensor([top_p]))[0]
     expected = expected.softmax(-1)
     observed = torch.bincount(tokens, minlength=6).float() / n
@@ -93,5 +108,13 @@ def test_draws_follow_the_filtered_distribution():
 
 def test_logprobs_are_the_models_own():
     logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
-    tokens, logprobs = sample(logits, torch.tensor([0.0, 2.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), torch.tensor([0, 1]), torch.tensor([0, 0]), want_logprobs=True)
+    tokens, logprobs = sample(
+        logits,
+        torch.tensor([0.0, 2.0]),
+        torch.tensor([0, 0]),
+        torch.tensor([1.0, 1.0]),
+        torch.tensor([0, 1]),
+        torch.tensor([0, 0]),
+        want_logprobs=True,
+    )
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1))

@@ -24,7 +24,10 @@ def model(tmp_path_factory):
 def _prompts(n, prefix_len, seed=0):
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(2, 256, (prefix_len,), generator=g).tolist()
-    return [prefix + torch.randint(2, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        prefix + torch.randint(2, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 class _NoRequestObjects(pickle.Unpickler):
@@ -67,9 +70,10 @@ def test_a_pickled_plan_replays_in_a_fresh_runner(model):
     prompts = _prompts(10, 10)
     params = [
         SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=i, max_new_tokens=6, ignore_eos=True, logprobs=True)
-        if i % 2 else GREEDY
+        if i % 2
+        else GREEDY
         for i in range(10)
-    ]  # fmt: skip
+    ]
     outputs = engine.generate(prompts, params)
     assert all(len(o.token_ids) == 6 for o in outputs)
     assert seen["plans"] > 5 and seen["copies"] and seen["mixed"] and seen["sampled"]

@@ -15,9 +15,11 @@ def test_stop_string_cuts_text(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["[BOS]", "[EOS]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=300,
+        special_tokens=["[BOS]", "[EOS]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
-    )  # fmt: skip
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "[BOS]", "eos_token": "[EOS]"}))
@@ -28,7 +30,9 @@ def test_stop_string_cuts_text(tmp_path):
     assert 7 in engine.eos_token_ids
     free = engine.generate(["the quick brown"], SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True))[0]
     stop = free.text[6:9]
-    out = engine.generate(["the quick brown"], SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, stop=(stop,)))[0]
+    out = engine.generate(
+        ["the quick brown"], SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, stop=(stop,))
+    )[0]
     assert out.finish_reason == "stop"
     assert out.text == free.text[: free.text.index(stop)]
     assert free.token_ids[: len(out.token_ids)] == out.token_ids

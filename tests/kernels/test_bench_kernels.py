@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_kernels_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--smoke", "--json", str(tmp_path / "r.json")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"moe", "mla"}

@@ -36,7 +36,9 @@ def test_dequantize_partial_edge_blocks(shape, block):
 
 def test_scale_shape_must_tile_the_weight_in_the_configured_blocks():
     q, scale_inv = fp8_quantize(torch.randn(576, 256), (128, 128))
-    with pytest.raises(CheckpointError, match=r"kv_a_proj_with_mqa.weight_scale_inv: shape \(5, 2\), expected \(4, 2\)"):
+    with pytest.raises(
+        CheckpointError, match=r"kv_a_proj_with_mqa.weight_scale_inv: shape \(5, 2\), expected \(4, 2\)"
+    ):
         dequantize_fp8_block(q, scale_inv, (144, 128), "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv")
 
 

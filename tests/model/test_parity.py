@@ -21,7 +21,12 @@ CASES = {
     "groups": {"n_group": 4, "topk_group": 2, "n_routed_experts": 16, "num_experts_per_tok": 4},
     "yarn": {"rope_parameters": YARN},
     "no_norm_topk": {"norm_topk_prob": False},
-    "moonlight_like": {"q_lora_rank": None, "n_shared_experts": 2, "num_experts_per_tok": 3, "first_k_dense_replace": 0},
+    "moonlight_like": {
+        "q_lora_rank": None,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 3,
+        "first_k_dense_replace": 0,
+    },
     "not_interleaved": {"rope_interleave": False, "rope_parameters": YARN},
 }
 
@@ -87,7 +92,9 @@ def test_int4_experts_match_compressed_tensors(tmp_path):
         dense13 = w13[e].dequantize(torch.float32)
         assert torch.equal(dense13[:inter], oracle[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"].float())
         assert torch.equal(dense13[inter:], oracle[f"model.layers.1.mlp.experts.{e}.up_proj.weight"].float())
-        assert torch.equal(w2[e].dequantize(torch.float32), oracle[f"model.layers.1.mlp.experts.{e}.down_proj.weight"].float())
+        assert torch.equal(
+            w2[e].dequantize(torch.float32), oracle[f"model.layers.1.mlp.experts.{e}.down_proj.weight"].float()
+        )
     load_dequantized_into_hf(hf, oracle)
     ids = _ids(hf.config.vocab_size)
     with torch.no_grad():
@@ -124,8 +131,10 @@ def test_fp8_block_weights_dequantized_on_load(tmp_path):
                 prefix = name.rsplit(".", 1)[0]
                 inter = hf.config.moe_intermediate_size
                 for e in range(p.shape[0]):
+
                     def dq(k):
                         return out[k].float() * out[k + "_scale_inv"].repeat_interleave(16, 0).repeat_interleave(16, 1)
+
                     if name.endswith("gate_up_proj"):
                         p[e, :inter] = dq(f"{prefix}.{e}.gate_proj.weight")
                         p[e, inter:] = dq(f"{prefix}.{e}.up_proj.weight")

@@ -63,7 +63,7 @@ def test_memory_uri_streams_byte_ranges(tmp_path, monkeypatch, kind):
     assert sum(min(end, fs.size(p)) - start for p, start, end in reads) < 1.5 * total
 
 
-def test_s3_checkpoint_matches_local(tmp_path, s3_bucket, s3_options):  # noqa: F811 (fixtures)
+def test_s3_checkpoint_matches_local(tmp_path, s3_bucket, s3_options):
     import s3fs
 
     local = _checkpoint(tmp_path, "int4")

@@ -13,24 +13,26 @@ import pytest
 # The settings overlay of every definitions the tests build (load_settings reads it).
 os.environ.setdefault("K2BATCH_DAGSTER_SETTINGS", str(Path(__file__).with_name("settings.toml")))
 
-from k2batch import configs  # noqa: E402
-from k2batch.engine import Engine, EngineConfig  # noqa: E402
-from k2batch.pipelines.definitions import run_settings  # noqa: E402
-from k2batch.pipelines.resources import EngineResource  # noqa: E402
-from k2batch.pipelines.settings import load_settings  # noqa: E402
-from tests.agent.conftest import k2_checkpoint, one_torch_thread, script_first_step  # noqa: E402, F401
-from tests.agent.test_episode import CALLS  # noqa: E402
+from k2batch import configs
+from k2batch.engine import Engine, EngineConfig
+from k2batch.pipelines.definitions import run_settings
+from k2batch.pipelines.resources import EngineResource
+from k2batch.pipelines.settings import load_settings
+from tests.agent.conftest import k2_checkpoint, one_torch_thread, script_first_step  # noqa: F401
+from tests.agent.test_episode import CALLS
 
 RUN_SETTINGS = run_settings(load_settings())
 """The `settings` resource of the tests' runs: configs/dagster.toml with the overlay (retries without delay)."""
 
-JOBS = pa.table({
-    "job_id": ["j1", "j2", "j2", None, "j5"],
-    "task": ["synthesis", "retrieval", "draft", "draft", None],
-    "prompt": ["What is 2+3?", "Find Paris.", "dup", "no id", "Hi"],
-    "tools": [None, ["calculator"], None, None, ["teleport"]],
-    "customer": ["a", "b", "c", "d", "e"],
-})  # fmt: skip
+JOBS = pa.table(
+    {
+        "job_id": ["j1", "j2", "j2", None, "j5"],
+        "task": ["synthesis", "retrieval", "draft", "draft", None],
+        "prompt": ["What is 2+3?", "Find Paris.", "dup", "no id", "Hi"],
+        "tools": [None, ["calculator"], None, None, ["teleport"]],
+        "customer": ["a", "b", "c", "d", "e"],
+    }
+)
 """Five jobs, three of them invalid (duplicate id, missing id, unknown tool): two shards of three rows."""
 
 

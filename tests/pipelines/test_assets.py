@@ -27,7 +27,9 @@ def materialize(root, model, instance, batch="b1", engine=None, selection=None, 
     storage = StorageResource(root=str(root))
     instance.add_dynamic_partitions(batches.name, [batch])
     resources = {
-        "storage": storage, "engine": engine or ScriptedEngine(), "io_manager": StepOutputsIOManager(storage=storage),
+        "storage": storage,
+        "engine": engine or ScriptedEngine(),
+        "io_manager": StepOutputsIOManager(storage=storage),
         "settings": RUN_SETTINGS,
     }
     run_config = run_config or batch_run_config(model, **report)
@@ -125,7 +127,8 @@ def test_rows_are_read_and_validated_once_by_the_step_that_runs_them(batch_model
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] in ("k2batch", "pipelines"):
             for attribute, original, counted in (
-                ("read_shard_rows", read_rows, counted_read), ("validate_jobs", validate, counted_validate)
+                ("read_shard_rows", read_rows, counted_read),
+                ("validate_jobs", validate, counted_validate),
             ):
                 if getattr(module, attribute, None) is original:
                     monkeypatch.setattr(module, attribute, counted)
@@ -170,9 +173,7 @@ def test_rerun_skips_complete_shards_and_checks_error_threshold(materialized, ba
     # Counting invalid rows as errors, 3 of 5 is over a 10% threshold: the check fails, the run does not.
     result = materialize(root, batch_model, instance, max_error_rate=0.1, error_statuses=["error", "invalid"])
     assert result.success
-    shard_steps = [
-        e for e in result.get_step_success_events() if e.step_key.startswith("shard_results.run_shard")
-    ]
+    shard_steps = [e for e in result.get_step_success_events() if e.step_key.startswith("shard_results.run_shard")]
     assert len(shard_steps) == 2
     outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and "run_shard[" in e.step_key]
     assert all(e.event_specific_data.metadata["skipped"].value for e in outputs)

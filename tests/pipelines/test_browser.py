@@ -24,8 +24,13 @@ from tests.pipelines.conftest import JOBS, write_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 ARTIFACTS = REPO / "tests" / "artifacts"
 
 pytestmark = [
@@ -84,8 +89,12 @@ def webserver(tmp_path, batch_model, monkeypatch):
     log = (tmp_path / "webserver.log").open("wb")
     process = subprocess.Popen(
         [webserver, "-m", "k2batch.pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/server_info", process)
         dismiss_first_visit_dialog(f"http://127.0.0.1:{port}")

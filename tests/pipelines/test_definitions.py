@@ -97,7 +97,8 @@ def test_settings_are_read_when_the_definitions_are_built_not_on_import(tmp_path
         '[nightly]\ncron = "0 5 * * *"\n[sensor]\nminimum_interval_s = 7\n[checks]\nmax_error_rate = 0.5\n'
     )
     code = (
-        "import os, k2batch.pipelines.assets, k2batch.pipelines.sensors, k2batch.pipelines.schedules, k2batch.pipelines.batch_config\n"
+        "import os, k2batch.pipelines.assets, k2batch.pipelines.sensors, k2batch.pipelines.schedules\n"
+        "import k2batch.pipelines.batch_config\n"
         "os.environ['K2BATCH_DAGSTER_SETTINGS'] = os.environ.pop('LATER')\n"
         "from k2batch.pipelines.definitions import build_definitions\n"
         "defs = build_definitions()\n"

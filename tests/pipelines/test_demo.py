@@ -35,7 +35,9 @@ def demo_batch(tmp_path_factory):
             partition_key="demo",
             instance=instance,
             resources={
-                "storage": storage, "engine": EngineResource(), "io_manager": StepOutputsIOManager(storage=storage),
+                "storage": storage,
+                "engine": EngineResource(),
+                "io_manager": StepOutputsIOManager(storage=storage),
                 "settings": RUN_SETTINGS,
             },
             run_config=demo_run_config(rows_per_shard=2),

@@ -12,23 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from k2batch.storage import FileInfo, parquet_bytes, polars_storage_options
 from k2batch.pipelines.batches import BatchInput
 from k2batch.pipelines.definitions import build_definitions
 from k2batch.pipelines.resources import StorageResource
 from k2batch.pipelines.sensors import inputs_sensor
+from k2batch.storage import FileInfo, parquet_bytes, polars_storage_options
 from tests.pipelines.conftest import JOBS, RUN_SETTINGS, ScriptedEngine, batch_run_config
 from tests.s3_server import s3_bucket, s3_endpoint, s3_options  # noqa: F401
 
 
 @pytest.fixture
-def s3_storage(s3_bucket, s3_options, monkeypatch) -> StorageResource:  # noqa: F811
+def s3_storage(s3_bucket, s3_options, monkeypatch) -> StorageResource:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_options["key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_options["secret"])
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     public = {name: value for name, value in s3_options.items() if name not in ("key", "secret")}
     return StorageResource(
-        root=f"{s3_bucket}/k2", options=public, key=dg.EnvVar("AWS_ACCESS_KEY_ID"), secret=dg.EnvVar("AWS_SECRET_ACCESS_KEY")
+        root=f"{s3_bucket}/k2",
+        options=public,
+        key=dg.EnvVar("AWS_ACCESS_KEY_ID"),
+        secret=dg.EnvVar("AWS_SECRET_ACCESS_KEY"),
     )
 
 
@@ -37,7 +40,10 @@ def refuse_downloads(*args, **kwargs):
 
 
 def test_parquet_put_on_s3_runs_and_outputs_read_back_with_polars(
-    s3_storage, s3_options, batch_model, monkeypatch  # noqa: F811
+    s3_storage,
+    s3_options,
+    batch_model,
+    monkeypatch,
 ):
     fs = s3fs.S3FileSystem(**s3_options)
     jobs_uri = f"{s3_storage.root}/inputs/b1/jobs.parquet"

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import pyarrow as pa
 import pytest
 from dagster._core.test_utils import create_run_for_test
 
-from k2batch.storage import FileInfo
 from k2batch.pipelines.assets import batches
+from k2batch.pipelines.batches import list_batches
 from k2batch.pipelines.definitions import build_definitions
 from k2batch.pipelines.resources import StorageResource
 from k2batch.pipelines.schedules import nightly_schedule
-from k2batch.pipelines.batches import list_batches
 from k2batch.pipelines.sensors import RUN_KEY_TAG, InputsCursor, inputs_sensor
 from k2batch.pipelines.settings import load_settings
+from k2batch.storage import FileInfo
 from tests.pipelines.conftest import RUN_SETTINGS, write_jobs
 
 batch_inputs = inputs_sensor(minimum_interval_s=30)
@@ -71,7 +71,7 @@ def test_new_file_launches_once(inputs):
 
 
 def test_modified_file_is_picked_up_with_a_new_run_key(inputs):
-    path = inputs.write("b1/part-0.parquet", mtime=1_000_000.0)
+    inputs.write("b1/part-0.parquet", mtime=1_000_000.0)
     first = requested(inputs.tick())
     inputs.write("b1/part-0.parquet", pa.table({"job_id": ["z"], "prompt": ["changed"]}), mtime=1_000_100.0)
     second = requested(inputs.tick())
@@ -145,7 +145,11 @@ def test_cursor_keeps_only_recent_fingerprints():
     cursor = InputsCursor()
     files = [FileInfo(f"r/inputs/b{k}.parquet", 1, 1000.0 * k, f"e{k}") for k in range(5)]
     changed, after = cursor.advance(files, lookback_s=1500.0)
-    assert len(changed) == 5 and after.mtime == 4000.0 and sorted(after.seen) == ["r/inputs/b3.parquet", "r/inputs/b4.parquet"]
+    assert (
+        len(changed) == 5
+        and after.mtime == 4000.0
+        and sorted(after.seen) == ["r/inputs/b3.parquet", "r/inputs/b4.parquet"]
+    )
 
 
 def test_nightly_schedule_runs_queued_batches_not_yet_run(tmp_path):
@@ -159,7 +163,7 @@ def test_nightly_schedule_runs_queued_batches_not_yet_run(tmp_path):
         context = dg.build_schedule_context(
             instance=instance,
             resources={"storage": StorageResource(root=str(tmp_path))},
-            scheduled_execution_time=datetime(2026, 11, 23, 2, 0, tzinfo=timezone.utc),
+            scheduled_execution_time=datetime(2026, 11, 23, 2, 0, tzinfo=UTC),
             repository_def=defs.get_repository_def(),
         )
         data = nightly_batches.evaluate_tick(context)
@@ -177,6 +181,7 @@ def test_nightly_schedule_skips_a_batch_still_running_from_last_night(tmp_path):
     storage = StorageResource(root=str(tmp_path))
     defs = build_definitions(storage=storage)
     with dg.instance_for_test() as instance:
+
         def run_of(batch: str, status: dg.DagsterRunStatus) -> dg.DagsterRun:
             return create_run_for_test(instance, job_name="batch_job", status=status, tags={"dagster/partition": batch})
 
@@ -189,7 +194,7 @@ def test_nightly_schedule_skips_a_batch_still_running_from_last_night(tmp_path):
                 dg.build_schedule_context(
                     instance=instance,
                     resources={"storage": storage},
-                    scheduled_execution_time=datetime(2026, 11, day, 2, 0, tzinfo=timezone.utc),
+                    scheduled_execution_time=datetime(2026, 11, day, 2, 0, tzinfo=UTC),
                     repository_def=defs.get_repository_def(),
                 )
             )

@@ -12,10 +12,10 @@ import dagster as dg
 import pytest
 
 from k2batch.config import load_config
-from k2batch.shards import new_manifest, plan_shards
 from k2batch.pipelines.assets import BatchPlan, ShardOutcome, ShardTask
 from k2batch.pipelines.resources import StorageResource
 from k2batch.pipelines.step_outputs import StepOutputsIOManager
+from k2batch.shards import new_manifest, plan_shards
 from tests.pipelines.conftest import write_jobs
 
 
@@ -33,9 +33,12 @@ class RunsCode:
 def plan(tmp_path: Path) -> BatchPlan:
     inputs = write_jobs(tmp_path / "root" / "inputs" / "b1" / "jobs.parquet")
     return BatchPlan(
-        batch="b1", input_uri=str(inputs.parent), output_uri=str(tmp_path / "root" / "outputs" / "b1"),
-        config=load_config(), plan=plan_shards(str(inputs.parent), 3),
-    )  # fmt: skip
+        batch="b1",
+        input_uri=str(inputs.parent),
+        output_uri=str(tmp_path / "root" / "outputs" / "b1"),
+        config=load_config(),
+        plan=plan_shards(str(inputs.parent), 3),
+    )
 
 
 def manager_for(data_root: Path, instance: dg.DagsterInstance, **fields: str) -> StepOutputsIOManager:

@@ -23,10 +23,21 @@ Emoji too: 😀 👍🏽 🎉, accents: café, naïve, Zürich. Numbers: 12345, 
 
 # K2's special tokens in Kimi's order; the ids below leave gaps, as the real vocabulary does.
 K2_SPECIAL = [
-    "[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
-    "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
-    "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<think>", "</think>",
-]  # fmt: skip
+    "[BOS]",
+    "[EOS]",
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|im_system|>",
+    "<|im_middle|>",
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+    "<think>",
+    "</think>",
+]
 SPECIAL_BASE = 1024  # the BPE ranks end well below it: ids in between are reserved
 SKIPPED_IDS = {SPECIAL_BASE + 5, SPECIAL_BASE + 9}  # unnamed ids inside the special block
 
@@ -60,8 +71,14 @@ def train_byte_bpe(corpus: str, merges: int) -> dict[bytes, int]:
 
 
 def added_token(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}  # fmt: skip
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def kimi_special_ids() -> dict[str, int]:

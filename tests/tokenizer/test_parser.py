@@ -69,7 +69,7 @@ def test_unclosed_section_keeps_its_calls():
 
 
 def test_unclosed_call_is_reported_on_the_call():
-    parsed = parse_assistant(f"<think>r</think>{SECTION}<|tool_call_begin|>functions.search:0{ARG}{{\"query\": \"x")
+    parsed = parse_assistant(f'<think>r</think>{SECTION}<|tool_call_begin|>functions.search:0{ARG}{{"query": "x')
     [bad] = parsed.tool_calls
     assert bad.arguments == '{"query": "x'
     assert bad.error.startswith("not closed: no <|tool_call_end|>; arguments are not valid JSON")
@@ -186,8 +186,23 @@ def test_assistant_message_shape():
 
 
 def test_never_raises_on_scrambled_output():
-    fragments = ["<think>", "</think>", SECTION, END_SECTION, "<|tool_call_begin|>", ARG, END_CALL, "<|im_end|>",
-                 "functions.search:0", '{"a": 1}', "{", "text", ":", ".", " "]  # fmt: skip
+    fragments = [
+        "<think>",
+        "</think>",
+        SECTION,
+        END_SECTION,
+        "<|tool_call_begin|>",
+        ARG,
+        END_CALL,
+        "<|im_end|>",
+        "functions.search:0",
+        '{"a": 1}',
+        "{",
+        "text",
+        ":",
+        ".",
+        " ",
+    ]
     rng = random.Random(0)
     for _ in range(2000):
         text = "".join(rng.choice(fragments) for _ in range(rng.randint(0, 12)))

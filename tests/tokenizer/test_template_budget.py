@@ -101,10 +101,15 @@ def test_no_message_field_can_forge_a_turn(kimi_dir: Path, builtin: bool) -> Non
     tokenizer = load_tokenizer(str(kimi_dir))
     forged = [
         {"role": "user", "name": INJECTED, "content": "hi"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": INJECTED, "type": "function", "function": {"name": "search", "arguments": {"q": INJECTED}}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": INJECTED, "type": "function", "function": {"name": "search", "arguments": {"q": INJECTED}}}
+            ],
+        },
         {"role": "tool", "tool_call_id": INJECTED, "name": INJECTED, "content": "result"},
-    ]  # fmt: skip
+    ]
     template = None if builtin else chat.BUILTIN_TEMPLATE.replace("{#- K2", "{#- A copy of K2", 1)
     clean = json.loads(json.dumps(forged).replace(json.dumps(INJECTED)[1:-1], "x"))
     specials = set(tokenizer.special_tokens.values())

@@ -52,8 +52,12 @@ def test_escaped_text_encodes_as_ordinary_text_inside_a_chat_prompt(tokenizer, t
     prompt = f"<|im_user|>user<|im_middle|>{tokenizer.escape(text)}<|im_end|>"
     ids = tokenizer.encode_chat(prompt)
     special = tokenizer.special_tokens
-    assert [i for i in ids if i in special.values()] == [special[s] for s in ("<|im_user|>", "<|im_middle|>", "<|im_end|>")]
-    assert ids == tokenizer.encode_chat("<|im_user|>user<|im_middle|>") + tokenizer.encode(text) + [special["<|im_end|>"]]
+    assert [i for i in ids if i in special.values()] == [
+        special[s] for s in ("<|im_user|>", "<|im_middle|>", "<|im_end|>")
+    ]
+    assert ids == tokenizer.encode_chat("<|im_user|>user<|im_middle|>") + tokenizer.encode(text) + [
+        special["<|im_end|>"]
+    ]
     assert tokenizer.decode(ids) == f"<|im_user|>user<|im_middle|>{text}<|im_end|>"
 
 

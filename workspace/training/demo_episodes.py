@@ -36,9 +36,7 @@ def initial_messages(job: DemoJob, config: BatchConfig) -> list[dict[str, Any]]:
 def assistant_text(message: dict[str, Any]) -> str:
     """One generated model turn, as the model emits it after the generation prompt (reasoning kept)."""
     calls = message.get("tool_calls") or []
-    section = "".join(
-        f"{CALL_BEGIN}{c['id']}{ARGUMENT_BEGIN}{c['function']['arguments']}{CALL_END}" for c in calls
-    )
+    section = "".join(f"{CALL_BEGIN}{c['id']}{ARGUMENT_BEGIN}{c['function']['arguments']}{CALL_END}" for c in calls)
     section = f"{SECTION_BEGIN}{section}{SECTION_END}" if calls else ""
     return f"<think>{message['reasoning_content']}</think>{message['content']}{section}{MESSAGE_END}"
 
@@ -70,9 +68,14 @@ def episode_pieces(
 
 
 def training_pieces(
-    jobs: list[DemoJob], world: World, config: BatchConfig, corpus: str | Path, template: str | None,
-    typos: float = 0.0, seed: int = 0,
-) -> list[list[tuple[str, bool]]]:  # fmt: skip
+    jobs: list[DemoJob],
+    world: World,
+    config: BatchConfig,
+    corpus: str | Path,
+    template: str | None,
+    typos: float = 0.0,
+    seed: int = 0,
+) -> list[list[tuple[str, bool]]]:
     """Pieces of every job whose gold episode exists (its search finds the entity's document). A `typos` fraction
     of the episodes (drawn from `seed`) starts with a search for a miscopied name and recovers (`gold_episode`)."""
     if not 0.0 <= typos <= 1.0:

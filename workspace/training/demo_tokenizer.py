@@ -14,10 +14,21 @@ from k2batch.tokenizer.chat import BUILTIN_TEMPLATE
 
 # K2's special tokens in Kimi's order; here they take the ids right after the BPE vocabulary.
 SPECIAL_TOKENS = [
-    "[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
-    "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
-    "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<think>", "</think>",
-]  # fmt: skip
+    "[BOS]",
+    "[EOS]",
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|im_system|>",
+    "<|im_middle|>",
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+    "<think>",
+    "</think>",
+]
 _SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
@@ -51,8 +62,14 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> dict[str, int]:
         "bos_token": "[BOS]",
         "eos_token": "[EOS]",
         "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                     "special": True}  # fmt: skip
+            str(i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for t, i in ids.items()
         },
         "model_max_length": 4096,

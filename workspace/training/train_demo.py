@@ -21,20 +21,19 @@ from pathlib import Path
 import msgspec
 import torch
 import torch.nn.functional as F
+from demo_episodes import training_pieces
+from demo_tokenizer import save_tokenizer, train_tokenizer
+from one_thread_arithmetic import OneThreadArithmetic
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
 from k2batch.demo.tasks import TASKS
+from k2batch.kernels.int4_moe import quantize_int4
 from k2batch.model.config import ModelConfig
 from k2batch.model.export import save_checkpoint
 from k2batch.model.layers import MLAttention, RoutedExperts, Router
 from k2batch.model.model import K2ForCausalLM
-from k2batch.kernels.int4_moe import quantize_int4
-
-from demo_episodes import training_pieces
-from demo_tokenizer import save_tokenizer, train_tokenizer
-from one_thread_arithmetic import OneThreadArithmetic
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +49,32 @@ def demo_model_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> 
     one shared expert, MLA with a query LoRA."""
     return ModelConfig.from_dict(
         dict(
-            model_type="kimi_k2", vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
-            moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
-            kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
-            n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
-            norm_topk_prob=True, routed_scaling_factor=2.827, max_position_embeddings=4096, rope_theta=50000.0,
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            model_type="kimi_k2",
+            vocab_size=vocab_size,
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            q_lora_rank=128,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.827,
+            max_position_embeddings=4096,
+            rope_theta=50000.0,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
         )
-    )  # fmt: skip
+    )
 
 
 def fake_quant_int4(w: torch.Tensor) -> torch.Tensor:
@@ -361,8 +378,10 @@ def export(model: K2ForCausalLM, config: ModelConfig, path: Path, *, int4_expert
     plain.load_state_dict(state)
     save_checkpoint(plain, path, int4_experts=int4_experts)
     tensors = load_file(path / "model.safetensors")
-    tensors = {k: (v.to(torch.bfloat16) if v.dtype == torch.float32 and not k.endswith("e_score_correction_bias")
-                   else v) for k, v in tensors.items()}  # fmt: skip
+    tensors = {
+        k: (v.to(torch.bfloat16) if v.dtype == torch.float32 and not k.endswith("e_score_correction_bias") else v)
+        for k, v in tensors.items()
+    }
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     raw = json.loads((path / "config.json").read_text())
     raw["torch_dtype"] = "bfloat16"
@@ -371,9 +390,17 @@ def export(model: K2ForCausalLM, config: ModelConfig, path: Path, *, int4_expert
 
 def write_generation_config(path: Path, special: dict[str, int]) -> None:
     """K2 Thinking's generation defaults: turns end at <|im_end|>, sampled at temperature 1.0, top_p 0.95."""
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": special["[BOS]"], "eos_token_id": [special["<|im_end|>"], special["[EOS]"]],
-         "temperature": 1.0, "top_p": 0.95}, indent=2))  # fmt: skip
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": special["[BOS]"],
+                "eos_token_id": [special["<|im_end|>"], special["[EOS]"]],
+                "temperature": 1.0,
+                "top_p": 0.95,
+            },
+            indent=2,
+        )
+    )
 
 
 FRESH_WORLD_SEED = 1_000_000  # fresh world i of training seed s is make_world(FRESH_WORLD_SEED + 1000 * s + i)
@@ -383,10 +410,18 @@ BALANCED_LENGTHS = 0.0
 
 
 def build_data(
-    num_jobs: int, seed: int, corpus: str | Path | None = None, *, fresh_worlds: int = 0,
-    work_dir: str | Path | None = None, tasks: tuple[str, ...] = TASKS, balanced_lengths: float = 0.0,
-    echo_names: float = 0.0, echo_digits: float = 0.0, typos: float = 0.0,
-) -> list[list[tuple[str, bool]]]:  # fmt: skip
+    num_jobs: int,
+    seed: int,
+    corpus: str | Path | None = None,
+    *,
+    fresh_worlds: int = 0,
+    work_dir: str | Path | None = None,
+    tasks: tuple[str, ...] = TASKS,
+    balanced_lengths: float = 0.0,
+    echo_names: float = 0.0,
+    echo_digits: float = 0.0,
+    typos: float = 0.0,
+) -> list[list[tuple[str, bool]]]:
     """Gold episodes of `num_jobs` training jobs, tool results from the real tools; `tasks` and
     `balanced_lengths` set the job mix (`make_jobs`), `echo_names` and `echo_digits` the fresh worlds' share of
     names with a repeated syllable or letter and of numbers with a repeated chunk of digits (`make_world`), `typos`
@@ -418,8 +453,13 @@ def build_data(
     reserved = name_words(world)
     episodes: list[list[tuple[str, bool]]] = []
     for i in range(fresh_worlds):
-        fresh = make_world(FRESH_WORLD_SEED + 1000 * seed + i, held_out_fraction=0.0, reserved=reserved,
-                           echo_names=echo_names, echo_digits=echo_digits)
+        fresh = make_world(
+            FRESH_WORLD_SEED + 1000 * seed + i,
+            held_out_fraction=0.0,
+            reserved=reserved,
+            echo_names=echo_names,
+            echo_digits=echo_digits,
+        )
         fresh_corpus = write_corpus(fresh, Path(work_dir) / f"fresh-{seed}-{i}.parquet")
         count = num_jobs // fresh_worlds + (i < num_jobs % fresh_worlds)
         jobs = make_jobs(fresh, count, seed + i, held_out=False, prefix=f"train{i}", **mix)
@@ -436,8 +476,9 @@ def code_version() -> dict | None:
     try:
         git = ["git", "-C", str(REPO)]
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                 text=True, check=True).stdout  # fmt: skip
+        changes = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return {"commit": commit.strip(), "dirty": bool(changes.strip())}
@@ -483,15 +524,28 @@ def train_demo(
         if (init_dir / "training.json").exists():
             init_record = json.loads((init_dir / "training.json").read_text())
     data_dir = out.with_name(out.name + "-data")  # the fresh worlds' corpora, if any
-    episodes = build_data(num_jobs, seed, corpus, fresh_worlds=fresh_worlds, work_dir=data_dir, tasks=tasks,
-                          balanced_lengths=balanced_lengths, echo_names=echo_names, echo_digits=echo_digits,
-                          typos=typos)  # fmt: skip
+    episodes = build_data(
+        num_jobs,
+        seed,
+        corpus,
+        fresh_worlds=fresh_worlds,
+        work_dir=data_dir,
+        tasks=tasks,
+        balanced_lengths=balanced_lengths,
+        echo_names=echo_names,
+        echo_digits=echo_digits,
+        typos=typos,
+    )
     if tokenizer is None:
         tokenizer = train_tokenizer((text for pieces in episodes for text, _ in pieces), VOCAB_SIZE)
     special = save_tokenizer(tokenizer, out)
     examples = tokenize_episodes(tokenizer, episodes)
-    log.info("%d episodes, %d tokens (%d generated)", len(examples), sum(len(e[0]) for e in examples),
-             sum(sum(e[1]) for e in examples))  # fmt: skip
+    log.info(
+        "%d episodes, %d tokens (%d generated)",
+        len(examples),
+        sum(len(e[0]) for e in examples),
+        sum(sum(e[1]) for e in examples),
+    )
     summary = train_model(examples, special, out, seed=seed, init=init, **train_options)
     model, config = summary.pop("model"), summary.pop("config")
     summary.pop("losses")  # one a step: the log has them; training.json keeps the settings and final figures
@@ -500,9 +554,18 @@ def train_demo(
         export(model, config, bf16_out, int4_experts=False)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             (bf16_out / name).write_bytes((out / name).read_bytes())
-    summary.update(num_jobs=num_jobs, fresh_worlds=fresh_worlds, tasks=list(tasks), balanced_lengths=balanced_lengths,
-                   echo_names=echo_names, echo_digits=echo_digits, typos=typos, episodes=len(examples),
-                   wall_s=round(time.perf_counter() - started, 1), threads=torch.get_num_threads())  # fmt: skip
+    summary.update(
+        num_jobs=num_jobs,
+        fresh_worlds=fresh_worlds,
+        tasks=list(tasks),
+        balanced_lengths=balanced_lengths,
+        echo_names=echo_names,
+        echo_digits=echo_digits,
+        typos=typos,
+        episodes=len(examples),
+        wall_s=round(time.perf_counter() - started, 1),
+        threads=torch.get_num_threads(),
+    )
     if command is not None:
         summary["command"] = command
     summary["code"] = code
@@ -544,8 +607,14 @@ def train_step(
     clipped = qk_clip(model, attention.max_logits, qk_clip_threshold)
     imbalance = load.update_bias(bias_update_speed)
     max_logit = max(float(m.max()) for m in attention.max_logits.values())
-    return {"loss": float(loss.detach()), "accuracy": accuracy, "max_logit": max_logit, "clipped_heads": clipped,
-            "max_load_over_mean": imbalance, "shared_prefix": prefix}  # fmt: skip
+    return {
+        "loss": float(loss.detach()),
+        "accuracy": accuracy,
+        "max_logit": max_logit,
+        "clipped_heads": clipped,
+        "max_load_over_mean": imbalance,
+        "shared_prefix": prefix,
+    }
 
 
 def train_model(
@@ -600,9 +669,18 @@ def train_model(
         for opt in opts:
             for group in opt.param_groups:
                 group["lr"] = lr * scale
-        record = train_step(model, opts, load, examples, next(stream), device=device, share_prefix=share_prefix,
-                            qk_clip_threshold=qk_clip_threshold, bias_update_speed=bias_update_speed,
-                            arithmetic=arithmetic)  # fmt: skip
+        record = train_step(
+            model,
+            opts,
+            load,
+            examples,
+            next(stream),
+            device=device,
+            share_prefix=share_prefix,
+            qk_clip_threshold=qk_clip_threshold,
+            bias_update_speed=bias_update_speed,
+            arithmetic=arithmetic,
+        )
         clipped_total += record["clipped_heads"]
         history.append({"step": step, **record})
         if snapshot_every and step and step % snapshot_every == 0:
@@ -613,25 +691,45 @@ def train_model(
                 (snapshot / name).write_bytes((out / name).read_bytes())
             write_generation_config(snapshot, special)
         if step % 25 == 0 or step == total - 1:
-            log.info("step %d/%d loss %.4f token acc %.4f max logit %.1f clipped %d load max/mean %.2f%s (%.0f s)",
-                     step, total, record["loss"], record["accuracy"], record["max_logit"], clipped_total,
-                     record["max_load_over_mean"],
-                     " QAT" if step >= steps else "", time.perf_counter() - started)  # fmt: skip
+            log.info(
+                "step %d/%d loss %.4f token acc %.4f max logit %.1f clipped %d load max/mean %.2f%s (%.0f s)",
+                step,
+                total,
+                record["loss"],
+                record["accuracy"],
+                record["max_logit"],
+                clipped_total,
+                record["max_load_over_mean"],
+                " QAT" if step >= steps else "",
+                time.perf_counter() - started,
+            )
     model = model.cpu().eval()
     with arithmetic or contextlib.nullcontext():
         export(model, config, out, int4_experts=True)
     write_generation_config(out, special)
     last = history[-20:]
     return {
-        "seed": seed, "steps": steps, "qat_steps": qat_steps, "tokens_per_batch": tokens_per_batch, "lr": lr,
-        "qk_clip_threshold": qk_clip_threshold, "clipped_heads": clipped_total, "share_prefix": share_prefix,
-        "bias_update_speed": bias_update_speed, "parameters": sum(p.numel() for p in model.parameters()),
-        "losses": [h["loss"] for h in history], "final_loss": sum(h["loss"] for h in last) / len(last),
+        "seed": seed,
+        "steps": steps,
+        "qat_steps": qat_steps,
+        "tokens_per_batch": tokens_per_batch,
+        "lr": lr,
+        "qk_clip_threshold": qk_clip_threshold,
+        "clipped_heads": clipped_total,
+        "share_prefix": share_prefix,
+        "bias_update_speed": bias_update_speed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "losses": [h["loss"] for h in history],
+        "final_loss": sum(h["loss"] for h in last) / len(last),
         "final_token_accuracy": sum(h["accuracy"] for h in last) / len(last),
-        "final_max_load_over_mean": last[-1]["max_load_over_mean"], "train_s": round(time.perf_counter() - started, 1),
-        "device": device, "init": None if init is None else str(init), "one_thread_arithmetic": one_thread_arithmetic,
-        "model": model, "config": config,
-    }  # fmt: skip
+        "final_max_load_over_mean": last[-1]["max_load_over_mean"],
+        "train_s": round(time.perf_counter() - started, 1),
+        "device": device,
+        "init": None if init is None else str(init),
+        "one_thread_arithmetic": one_thread_arithmetic,
+        "model": model,
+        "config": config,
+    }
 
 
 def _count(text: str) -> int:
@@ -670,35 +768,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(MODELS / "k2-demo"), help="INT4 checkpoint directory")
-    p.add_argument("--bf16-out", default=str(MODELS / "k2-demo-bf16"),
-                   help="the same weights before INT4 quantization")  # fmt: skip
+    p.add_argument("--bf16-out", default=str(MODELS / "k2-demo-bf16"), help="the same weights before INT4 quantization")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps before quantization-aware training")
     p.add_argument("--qat-steps", type=int, default=300, help="steps of INT4 quantization-aware training")
     p.add_argument("--jobs", type=int, default=16000, help="training jobs (gold episodes) to generate")
-    p.add_argument("--fresh-worlds", type=_count, default=16,
-                   help="spread the jobs over this many fresh worlds (0: over the demo world's training entities)")
-    p.add_argument("--tasks", type=_tasks, default=TASKS,
-                   help="comma-separated task kinds the training jobs take in turn (one listed twice gets twice the "
-                        "jobs); default retrieval,draft,synthesis")  # fmt: skip
-    p.add_argument("--balanced-lengths", type=_fraction, default=0.0,
-                   help="fraction of synthesis jobs whose two values' digit counts are drawn uniformly")
-    p.add_argument("--echo-names", type=_fraction, default=0.0,
-                   help="fraction of fresh-world name words with a repeated syllable or letter (Ralolis, Finmimi)")
-    p.add_argument("--echo-digits", type=_fraction, default=0.0,
-                   help="fraction of fresh-world numbers with a repeated chunk of digits (588989, 747000)")
-    p.add_argument("--typos", type=_fraction, default=0.0,
-                   help="fraction of episodes that search for a miscopied name first and recover (no loss on the "
-                        "mistake)")  # fmt: skip
+    p.add_argument(
+        "--fresh-worlds",
+        type=_count,
+        default=16,
+        help="spread the jobs over this many fresh worlds (0: over the demo world's training entities)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_tasks,
+        default=TASKS,
+        help="comma-separated task kinds the training jobs take in turn (one listed twice gets twice the "
+        "jobs); default retrieval,draft,synthesis",
+    )
+    p.add_argument(
+        "--balanced-lengths",
+        type=_fraction,
+        default=0.0,
+        help="fraction of synthesis jobs whose two values' digit counts are drawn uniformly",
+    )
+    p.add_argument(
+        "--echo-names",
+        type=_fraction,
+        default=0.0,
+        help="fraction of fresh-world name words with a repeated syllable or letter (Ralolis, Finmimi)",
+    )
+    p.add_argument(
+        "--echo-digits",
+        type=_fraction,
+        default=0.0,
+        help="fraction of fresh-world numbers with a repeated chunk of digits (588989, 747000)",
+    )
+    p.add_argument(
+        "--typos",
+        type=_fraction,
+        default=0.0,
+        help="fraction of episodes that search for a miscopied name first and recover (no loss on the mistake)",
+    )
     p.add_argument("--qk-clip", type=float, default=50.0, help="QK-clip threshold on attention logits")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Muon and AdamW)")
     p.add_argument("--init", help="go on training from this demo checkpoint (its weights and tokenizer)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--one-thread-arithmetic", action="store_true",
-                   help="give the bits of a --threads 1 run, using the threads where that changes none (faster)")
+    p.add_argument(
+        "--one-thread-arithmetic",
+        action="store_true",
+        help="give the bits of a --threads 1 run, using the threads where that changes none (faster)",
+    )
     p.add_argument("--device", default="cpu", help="where the training loop runs: cpu or cuda")
     p.add_argument("--snapshot-every", type=int, default=0, help="also export OUT-snapshot every N steps")
-    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
-                   help="run every episode's whole prompt, not a batch's shared prefix once (same loss, slower)")  # fmt: skip
+    p.add_argument(
+        "--no-share-prefix",
+        dest="share_prefix",
+        action="store_false",
+        help="run every episode's whole prompt, not a batch's shared prefix once (same loss, slower)",
+    )
     return p
 
 
@@ -708,13 +835,28 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = train_demo(
-        args.out, seed=args.seed, steps=args.steps, qat_steps=args.qat_steps, num_jobs=args.jobs,
-        bf16_out=args.bf16_out, threads=args.threads, snapshot_every=args.snapshot_every,
-        qk_clip_threshold=args.qk_clip, device=args.device, fresh_worlds=args.fresh_worlds,
-        share_prefix=args.share_prefix, tasks=args.tasks, balanced_lengths=args.balanced_lengths,
-        echo_names=args.echo_names, echo_digits=args.echo_digits, typos=args.typos, lr=args.lr, init=args.init,
-        one_thread_arithmetic=args.one_thread_arithmetic, command=shlex.join([*PROGRAM, *argv]),
-    )  # fmt: skip
+        args.out,
+        seed=args.seed,
+        steps=args.steps,
+        qat_steps=args.qat_steps,
+        num_jobs=args.jobs,
+        bf16_out=args.bf16_out,
+        threads=args.threads,
+        snapshot_every=args.snapshot_every,
+        qk_clip_threshold=args.qk_clip,
+        device=args.device,
+        fresh_worlds=args.fresh_worlds,
+        share_prefix=args.share_prefix,
+        tasks=args.tasks,
+        balanced_lengths=args.balanced_lengths,
+        echo_names=args.echo_names,
+        echo_digits=args.echo_digits,
+        typos=args.typos,
+        lr=args.lr,
+        init=args.init,
+        one_thread_arithmetic=args.one_thread_arithmetic,
+        command=shlex.join([*PROGRAM, *argv]),
+    )
     print(f"trained in {summary['wall_s']:.0f} s: final loss {summary['final_loss']:.4f}; checkpoint at {args.out}")
     return summary
 

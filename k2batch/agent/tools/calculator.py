@@ -101,9 +101,7 @@ def _evaluate(node: ast.AST) -> int | float:
 def calculate(expression: str) -> int | float:
     """Evaluate an arithmetic expression; raise CalculatorError for anything else."""
     if len(expression) > MAX_EXPRESSION_CHARS:
-        raise CalculatorError(
-            f"expression has {len(expression)} characters; the limit is {MAX_EXPRESSION_CHARS}"
-        )
+        raise CalculatorError(f"expression has {len(expression)} characters; the limit is {MAX_EXPRESSION_CHARS}")
     try:
         tree = ast.parse(expression.strip(), mode="eval")
         return _evaluate(tree)

@@ -229,10 +229,24 @@ class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
 
 def _bwrap_command(box: Sandbox, code_fd: int, settings: ToolSettings) -> list[str]:
     command = [
-        box.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-        "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
-        "--ro-bind", "/usr", "/usr",
-    ]  # fmt: skip
+        box.bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):  # merged-/usr links, or directories
         if os.path.islink(top):
             command += ["--symlink", os.readlink(top), top]
@@ -247,10 +261,25 @@ def _bwrap_command(box: Sandbox, code_fd: int, settings: ToolSettings) -> list[s
         if prefix != "/usr" and not prefix.startswith("/usr/"):
             command += ["--ro-bind", prefix, prefix]
     command += [
-        "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--dev", "/dev", "--proc", "/proc",
-        "--size", str(MAX_WORK_BYTES), "--tmpfs", WORKDIR, "--file", str(code_fd), f"{WORKDIR}/main.py",
-        "--chdir", WORKDIR, "--clearenv", "--",
-    ]  # fmt: skip
+        "--ro-bind-try",
+        "/etc/ld.so.cache",
+        "/etc/ld.so.cache",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--size",
+        str(MAX_WORK_BYTES),
+        "--tmpfs",
+        WORKDIR,
+        "--file",
+        str(code_fd),
+        f"{WORKDIR}/main.py",
+        "--chdir",
+        WORKDIR,
+        "--clearenv",
+        "--",
+    ]
     return command + _python_command(box.python, WORKDIR, settings, parent=0, net_flags=0)
 
 

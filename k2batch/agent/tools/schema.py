@@ -16,8 +16,7 @@ def check_schema(schema: Any, path: str = "parameters") -> None:
     unknown = set(schema) - _CHECKED - _ANNOTATIONS
     if unknown:
         raise ValueError(
-            f"{path}: unsupported schema keywords {sorted(unknown)}; "
-            f"supported: {sorted(_CHECKED | _ANNOTATIONS)}"
+            f"{path}: unsupported schema keywords {sorted(unknown)}; supported: {sorted(_CHECKED | _ANNOTATIONS)}"
         )
     kind = schema.get("type")
     if kind is not None and kind not in _TYPES:

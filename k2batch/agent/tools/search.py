@@ -34,9 +34,7 @@ class CorpusIndex:
         self.doc_ids, self.titles, self.texts = doc_ids, titles, texts
         self.bm25 = bm25s.BM25()
         # Title and text are indexed together, so a word of the title counts as a match too.
-        self.bm25.index(
-            _tokenize([f"{t}\n{x}" for t, x in zip(titles, texts, strict=True)]), show_progress=False
-        )
+        self.bm25.index(_tokenize([f"{t}\n{x}" for t, x in zip(titles, texts, strict=True)]), show_progress=False)
 
     def search(self, query: str, k: int) -> list[int]:
         """Indices of the top-k documents with a positive score; ties go to the earlier row."""
@@ -131,6 +129,4 @@ def search(args: dict[str, Any], ctx: ToolContext) -> str:
     hits = index.search(query, args.get("k", DEFAULT_K))
     if not hits:
         return f"no results for {query!r}"
-    return "\n\n".join(
-        f"[{index.doc_ids[i]}] {index.titles[i]}\n{_snippet(index.texts[i], query)}" for i in hits
-    )
+    return "\n\n".join(f"[{index.doc_ids[i]}] {index.titles[i]}\n{_snippet(index.texts[i], query)}" for i in hits)
