@@ -113,7 +113,7 @@ def replay(args: argparse.Namespace) -> None:
     report = replay_job(args.output, args.job, load_config(args.config))
     for step in report.steps:
         print(
-            f"step {step.step}: {step.recorded_tokens} recorded, {step.replayed_tokens} replayed tokens, "
+            f"{step.label}: {step.recorded_tokens} recorded, {step.replayed_tokens} replayed tokens, "
             f"{'same ids' if step.same else 'DIFFERENT ids'}"
         )
     print(f"status {report.recorded_status} -> {report.replayed_status}: {'match' if report.matches else 'MISMATCH'}")

@@ -6,13 +6,13 @@ import hashlib
 import os
 import tomllib
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from k2batch import configs
 from k2batch.engine.config import EngineConfig
-from k2batch.records import MAX_SEED
+from k2batch.records import MAX_HEAVY, MAX_SEED
 
 DEFAULT_CONFIG = configs.path("default.toml")
 # Credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), where s3fs and polars both find them. Option
@@ -70,6 +70,15 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Replaces earlier tool results when the context would overflow."""
     max_context_tokens: int | None = None
     """None: the engine's context length (TOML has no null, so this one may be left out)."""
+    heavy: int
+    """Trajectories of a job whose `heavy` column is empty; more than one makes a heavy job (k2batch.agent.heavy)."""
+    heavy_aggregation: Literal["model", "vote"]
+    """How a heavy job's answer is made: "model" asks the model to read the candidates and write the final answer,
+    "vote" takes the most frequent answer (the earliest trajectory's among equals)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.heavy <= MAX_HEAVY:
+            raise ValueError(f"heavy is {self.heavy}, expected an integer in [1, {MAX_HEAVY}]")
 
 
 class PythonToolLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 Status = Literal["ok", "invalid", "error", "step_limit", "token_limit"]
 STATUSES: tuple[str, ...] = get_args(Status)
-Operation = Literal["chat", "execute_tool"]
+Operation = Literal["chat", "execute_tool", "aggregate"]
 
 JOB_COLUMNS = (
     "job_id",
@@ -27,6 +27,7 @@ JOB_COLUMNS = (
     "temperature",
     "top_p",
     "seed",
+    "heavy",
 )
 # Added by the shard reader (k2batch.shards): where a row came from, and where its job_id first occurred.
 SOURCE_COLUMN = "_source"
@@ -38,6 +39,8 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_TEXT_FIELDS = ("name", "reasoning_content", "tool_call_id")
 MAX_SEED = 2**62
 """Seeds are integers in [0, MAX_SEED): step k of an episode samples with seed + k, which must stay an int64."""
+MAX_HEAVY = 64
+"""Most trajectories one job may ask for (K2's own heavy mode runs 8)."""
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,8 +58,21 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float | None
     top_p: float | None
     seed: int | None
+    heavy: int | None = None
+    """Parallel trajectories, aggregated into one answer; None: the config's agent.heavy."""
     source_file: str
     source_row: int
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One trajectory of a heavy job, as the aggregation saw it."""
+
+    trajectory: int
+    status: Status
+    answer: str | None
+    error_type: str | None
+    steps: int
+    tool_calls: int
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,6 +93,10 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     latency_s: float = 0.0
+    trajectories: int = 1
+    """Trajectories the job ran (its `heavy`); the token and call counts above add up all of them."""
+    candidates: list[Candidate] | None = None
+    """Heavy jobs: every trajectory's outcome, in trajectory order, whose answers the aggregation read."""
     source_file: str
     """Input file and row of the job, so any result (an invalid one above all) leads back to its row."""
     source_row: int
@@ -92,9 +112,12 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TraceSpan(msgspec.Struct, frozen=True, kw_only=True):
-    """One span of an episode (OpenTelemetry GenAI names): a chat step or a tool execution."""
+    """One span of an episode (OpenTelemetry GenAI names): a chat step, a tool execution, or the aggregation of a
+    heavy job's trajectories."""
 
     job_id: str
+    trajectory: int | None = 0
+    """Which of a heavy job's trajectories (0 for every other job); None on the aggregation span."""
     step: int
     span_id: str
     parent_span_id: str | None
@@ -128,6 +151,8 @@ class TraceSpan(msgspec.Struct, frozen=True, kw_only=True):
     """JSON text, as the model wrote it."""
     tool_result: str | None = None
     error_type: str | None = None
+    aggregation: str | None = None
+    """Aggregation span only, JSON: the method, the candidates it read and, for a vote, the votes."""
 
 
 _ARROW_TYPES: dict[type, pa.DataType] = {
@@ -142,6 +167,8 @@ _ARROW_TYPES: dict[type, pa.DataType] = {
 def _arrow_type(kind: mi.Type) -> pa.DataType:
     if isinstance(kind, mi.ListType) and isinstance(kind.item_type, mi.IntType):
         return pa.list_(pa.int32())  # token ids: vocabularies stay far below 2**31
+    if isinstance(kind, mi.ListType) and isinstance(kind.item_type, mi.StructType):
+        return pa.list_(pa.struct(_arrow_fields(kind.item_type.cls)))
     return _ARROW_TYPES[type(kind)]
 
 
@@ -167,7 +194,11 @@ TRACE_SCHEMA = pa.schema(_arrow_fields(TraceSpan))
 def _records_table(records: Sequence[msgspec.Struct], fields: Iterable[pa.Field]) -> pa.Table:
     fields = list(fields)
     rows = [msgspec.structs.astuple(record) for record in records]
-    columns = [pa.array([row[i] for row in rows], field.type) for i, field in enumerate(fields)]
+    nested = [pa.types.is_list(field.type) and pa.types.is_struct(field.type.value_type) for field in fields]
+    columns = [
+        pa.array([msgspec.to_builtins(row[i]) if nested[i] else row[i] for row in rows], field.type)
+        for i, field in enumerate(fields)
+    ]
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
@@ -428,6 +459,7 @@ def validate_jobs(
     temperatures = _number_column(table, "temperature", problems, integer=False)
     top_ps = _number_column(table, "top_p", problems, integer=False)
     seeds = _number_column(table, "seed", problems, integer=True)
+    heavies = _number_column(table, "heavy", problems, integer=True)
     _check_passthrough_text(table, problems)
     duplicate_of = _text_column(table, DUPLICATE_COLUMN, problems)
 
@@ -474,6 +506,7 @@ def validate_jobs(
             ("temperature", temperatures[row], lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
             ("top_p", top_ps[row], lambda v: 0 < v <= 1, "in (0, 1]"),
             ("seed", seeds[row], lambda v: 0 <= v < MAX_SEED, "in [0, 2**62)"),
+            ("heavy", heavies[row], lambda v: 1 <= v <= MAX_HEAVY, f"in [1, {MAX_HEAVY}]"),
         ):
             if value is not None and not ok(value):
                 problems.add(row, "invalid_value", f"{name} is {value}, expected {expected}")
@@ -517,6 +550,7 @@ def validate_jobs(
                 temperature=temperatures[row],
                 top_p=top_ps[row],
                 seed=seeds[row],
+                heavy=heavies[row],
                 source_file=sources[row],
                 source_row=rows[row],
             )

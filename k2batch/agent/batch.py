@@ -63,6 +63,8 @@ def episode_spec(job: Job, config: BatchConfig, engine: Engine, registry: ToolRe
             max_context_tokens=context_budget(config, engine),
             hidden_tool_result=config.agent.hidden_tool_result_placeholder,
         ),
+        heavy=job.heavy or config.agent.heavy,
+        aggregation=config.agent.heavy_aggregation,
         source_file=job.source_file,
         source_row=job.source_row,
     )

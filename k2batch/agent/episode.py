@@ -6,20 +6,22 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
+from k2batch.agent import heavy
 from k2batch.agent.tools import ToolContext, ToolRegistry, ToolResult
 from k2batch.engine import Engine, RequestOutput, SamplingParams
-from k2batch.records import Result, Status, TraceSpan
+from k2batch.records import Candidate, Result, Status, TraceSpan
 from k2batch.tokenizer import ParsedAssistant, Tokenizer, assistant_message, parse_assistant, render_chat
 from k2batch.tokenizer.parser import THINK_BEGIN
 
 log = logging.getLogger(__name__)
 
-# call_tool(job_id, step, tool_call_id, name, arguments_json) -> ToolResult; replay swaps in recorded results.
-ToolCaller = Callable[[str, int, str, str, str], ToolResult]
+# call_tool(job_id, trajectory, step, tool_call_id, name, arguments_json) -> ToolResult; replay swaps in recorded
+# results. `trajectory` tells a heavy job's trajectories apart (0 for every other job).
+ToolCaller = Callable[[str, int, int, str, str, str], ToolResult]
 
 
 class Budgets(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +51,9 @@ class EpisodeSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int
     seed: int
     budgets: Budgets
+    heavy: int = 1
+    """Trajectories from the one prompt, aggregated into the answer (k2batch.agent.heavy); 1: a plain episode."""
+    aggregation: Literal["model", "vote"] = "model"
     source_file: str = ""
     source_row: int = 0
 
@@ -60,10 +65,17 @@ class EpisodeOutcome(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Episode:
-    """The running state of one job."""
+    """The running state of one trajectory of a job (a plain job has one), or of a heavy job's aggregation turn."""
 
-    def __init__(self, spec: EpisodeSpec) -> None:
+    def __init__(self, spec: EpisodeSpec, job: _Job, trajectory: int | None, seed: int) -> None:
         self.spec = spec
+        self.job = job
+        self.trajectory = trajectory
+        """None: the aggregation turn."""
+        self.seed = seed
+        """Step s samples with seed + s."""
+        self.record: str | None = None
+        """The aggregation turn's record (which candidates it read), for its span."""
         self.messages = list(spec.messages)
         self.step = 0
         self.prompt_ids: list[int] = []
@@ -82,8 +94,27 @@ class _Episode:
         self.thinking = False
         """The chat template's generation prompt opens <think>: the output starts inside the reasoning."""
 
+    @property
+    def label(self) -> str:
+        """The job id, and for a heavy job which trajectory (or the aggregation): request and span ids start so."""
+        if self.trajectory is None:
+            return f"{self.spec.job_id}/aggregate"
+        return self.spec.job_id if self.job.spec.heavy == 1 else f"{self.spec.job_id}/t{self.trajectory}"
+
     def span_id(self, step: int, kind: str, index: int = 0) -> str:
-        return f"{self.spec.job_id}/{step}/{kind}{index}"
+        return f"{self.label}/{step}/{kind}{index}"
+
+
+class _Job:
+    """One job: its trajectories, and for a heavy job the aggregation that makes its answer."""
+
+    def __init__(self, spec: EpisodeSpec) -> None:
+        self.spec = spec
+        self.trajectories = [_Episode(spec, self, t, heavy.trajectory_seed(spec.seed, t)) for t in range(spec.heavy)]
+        self.aggregator: _Episode | None = None
+        self.candidates: list[Candidate] = []
+        self.outcome: EpisodeOutcome | None = None
+        self.started = time.perf_counter()
 
 
 def render(tokenizer: Tokenizer, spec: EpisodeSpec, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
@@ -108,7 +139,7 @@ def run_episodes(
     Tool calls run in a thread pool while the engine keeps decoding the other episodes; an episode's next step
     is queued as a continuation of its previous request once all of its tool calls are back."""
     stop_ids = tuple(tokenizer.special_tokens[t] for t in ("<|im_end|>",) if t in tokenizer.special_tokens)
-    episodes = [_Episode(spec) for spec in specs]
+    jobs = [_Job(spec) for spec in specs]
     by_request: dict[str, _Episode] = {}
     waiting: set[_Episode] = set()
 
@@ -133,8 +164,91 @@ def run_episodes(
             source_file=ep.spec.source_file,
             source_row=ep.spec.source_row,
         )
+        if ep.job.spec.heavy == 1:
+            conclude(ep.job, EpisodeOutcome(result=ep.result, spans=ep.spans))
+            return
+        try:
+            aggregate(ep.job)
+        except Exception as error:  # the aggregation of one job must not end the shard
+            log.warning("job %s: the aggregation failed", ep.spec.job_id, exc_info=error)
+            conclude_heavy(ep.job, None, None, ("error", "aggregation_error", f"{type(error).__name__}: {error}"))
+
+    def conclude(job: _Job, outcome: EpisodeOutcome) -> None:
+        job.outcome = outcome
         if on_done is not None:
-            on_done(EpisodeOutcome(result=ep.result, spans=ep.spans))
+            on_done(outcome)
+
+    def aggregate(job: _Job) -> None:
+        """Once every trajectory has ended: vote, or start the aggregation turn; once that has ended, conclude."""
+        if any(t.result is None for t in job.trajectories) or job.outcome is not None:
+            return
+        spec, k = job.spec, job.spec.heavy
+        if job.aggregator is not None:
+            done = job.aggregator.result
+            assert done is not None
+            if done.status == "ok":
+                return conclude_heavy(job, done.answer, done.reasoning, None)
+            why = f"the aggregation turn ended {done.status} ({done.error_type}): {done.error_message}"
+            return conclude_heavy(job, None, done.reasoning, ("error", "aggregation_error", why))
+        job.candidates = [heavy.candidate(t.trajectory or 0, t.result) for t in job.trajectories]  # type: ignore[arg-type]
+        answers = heavy.answered(job.candidates)
+        if not answers:
+            first = job.trajectories[0].result
+            assert first is not None
+            why = f"none of the {k} trajectories answered; trajectory 0: {first.error_message}"
+            return conclude_heavy(job, None, None, (first.status, first.error_type or first.status, why))
+        if spec.aggregation == "vote":
+            winner, record = heavy.vote(answers)
+            now = time.time_ns()
+            span = TraceSpan(
+                job_id=spec.job_id,
+                trajectory=None,
+                step=0,
+                span_id=f"{spec.job_id}/aggregate/0/vote0",
+                parent_span_id=None,
+                operation="aggregate",
+                start_ns=now,
+                end_ns=now,
+                content=winner.answer,
+                aggregation=_json(record),
+            )
+            reasoning = job.trajectories[winner.trajectory].result.reasoning  # type: ignore[union-attr]
+            return conclude_heavy(job, winner.answer, reasoning, None, span)
+        # The model reads the answered candidates after the job's own conversation, with no tools and one turn.
+        turn = msgspec.structs.replace(
+            spec,
+            messages=heavy.aggregation_messages(spec.messages, answers),
+            tools=(),
+            tool_schemas=[],
+            heavy=1,
+            budgets=msgspec.structs.replace(spec.budgets, max_steps=1),
+        )
+        job.aggregator = _Episode(turn, job, None, heavy.trajectory_seed(spec.seed, k))
+        job.aggregator.record = heavy.aggregation_record("model", answers)
+        start(job.aggregator)
+
+    def conclude_heavy(
+        job: _Job,
+        answer: str | None,
+        reasoning: str | None,
+        failure: tuple[str, str, str] | None,
+        span: TraceSpan | None = None,
+    ) -> None:
+        episodes = job.trajectories + ([job.aggregator] if job.aggregator else [])
+        parts = [ep.result for ep in episodes if ep.result is not None]
+        if not job.candidates:
+            job.candidates = [heavy.candidate(t.trajectory or 0, t.result) for t in job.trajectories if t.result]
+        result = heavy.combine(
+            job.trajectories[0].result or parts[0],
+            parts,
+            job.candidates,
+            time.perf_counter() - job.started,
+            answer=answer,
+            reasoning=reasoning,
+            failure=failure,
+        )
+        spans = [span for ep in episodes for span in ep.spans] + ([span] if span else [])
+        conclude(job, EpisodeOutcome(result=result, spans=spans))
 
     def fail(ep: _Episode, error: Exception) -> None:
         """An unexpected exception while handling one episode ends that episode alone, with status error."""
@@ -183,10 +297,10 @@ def run_episodes(
             top_p=ep.spec.top_p,
             top_k=ep.spec.top_k,
             max_new_tokens=left,
-            seed=ep.spec.seed + ep.step,
+            seed=ep.seed + ep.step,
             stop_token_ids=stop_ids,
         )
-        request_id = f"{ep.spec.job_id}:{ep.step}"
+        request_id = f"{ep.label}:{ep.step}"
         ep.step_start_ns = time.time_ns()
         engine.add_request(prompt_ids, params, request_id=request_id, keep_kv=True, continue_from=continue_from)
         # Only once the engine holds the request: until then ep.request_id names the previous, pinned one.
@@ -204,15 +318,17 @@ def run_episodes(
         ep.reasoning_tokens += reasoning_ids
         ep.step_token_ids.append(list(out.token_ids))
         ep.last = parsed
-        params, first = ep.params, ep.step == 0
+        # A heavy job's trajectories start from the same conversation: trajectory 0 records it for all.
+        params, first = ep.params, ep.step == 0 and not ep.trajectory
         assert params is not None
         ep.spans.append(
             TraceSpan(
                 job_id=ep.spec.job_id,
+                trajectory=ep.trajectory,
                 step=ep.step,
                 span_id=ep.span_id(ep.step, "chat"),
                 parent_span_id=None,
-                operation="chat",
+                operation="chat" if ep.trajectory is not None else "aggregate",
                 start_ns=ep.step_start_ns,
                 end_ns=time.time_ns(),
                 input_tokens=len(out.prompt_ids),
@@ -231,6 +347,7 @@ def run_episodes(
                 input_messages=_json(ep.spec.messages) if first else None,
                 tool_definitions=_json(ep.spec.tool_schemas) if first else None,
                 episode_budgets=_json(ep.spec.budgets) if first else None,
+                aggregation=ep.record,
             )
         )
         ep.step += 1
@@ -238,6 +355,8 @@ def run_episodes(
             return finish(ep, "error", "engine_error", out.error)
         if out.finish_reason == "length":
             return finish(ep, "token_limit", "token_limit", f"step {ep.step - 1} stopped at its token budget")
+        if parsed.tool_calls and ep.trajectory is None:
+            return finish(ep, "error", "malformed_output", "the aggregation turn called tools; it has none")
         if not parsed.tool_calls:
             # The final turn: an answer that did not parse, or none at all, is not a result to hand on as ok.
             if parsed.errors:
@@ -250,7 +369,9 @@ def run_episodes(
         ep.tool_results = [None] * len(parsed.tool_calls)
         for position, call in enumerate(parsed.tool_calls):
             # Calls that did not parse still go through the caller: it answers them with a readable error.
-            future = pool.submit(call_tool, ep.spec.job_id, ep.step - 1, call.id, call.name, call.arguments)
+            future = pool.submit(
+                call_tool, ep.spec.job_id, ep.trajectory or 0, ep.step - 1, call.id, call.name, call.arguments
+            )
             ep.pending[future] = (call, position, time.time_ns())
             ep.tool_call_count += 1
         waiting.add(ep)
@@ -264,6 +385,7 @@ def run_episodes(
             ep.spans.append(
                 TraceSpan(
                     job_id=ep.spec.job_id,
+                    trajectory=ep.trajectory,
                     step=step,
                     span_id=ep.span_id(step, "tool", position),
                     parent_span_id=ep.span_id(step, "chat"),
@@ -302,9 +424,10 @@ def run_episodes(
         return hidden
 
     with ThreadPoolExecutor(max_workers=max(1, tool_workers), thread_name_prefix="tool") as pool:
-        for ep in episodes:
-            guarded(ep, start)
-        while any(ep.result is None for ep in episodes):
+        for job in jobs:
+            for ep in job.trajectories:  # in order: the first one's prompt blocks serve the others
+                guarded(ep, start)
+        while any(job.outcome is None for job in jobs):
             futures = [f for ep in waiting for f in ep.pending]
             if engine.has_unfinished():
                 for out in engine.step():
@@ -314,7 +437,7 @@ def run_episodes(
                 done = list(wait(futures, return_when=FIRST_COMPLETED).done)
             for ep in list(waiting):
                 guarded(ep, collect, done)
-    return [EpisodeOutcome(result=ep.result, spans=ep.spans) for ep in episodes]  # type: ignore[arg-type]
+    return [job.outcome for job in jobs]  # type: ignore[misc]
 
 
 def _json(value: Any) -> str:
@@ -331,7 +454,7 @@ def registry_caller(
 ) -> ToolCaller:
     """A ToolCaller running each job's calls in its own ToolContext, restricted to the job's tools."""
 
-    def call(job_id: str, step: int, tool_call_id: str, name: str, arguments: str) -> ToolResult:
+    def call(job_id: str, trajectory: int, step: int, tool_call_id: str, name: str, arguments: str) -> ToolResult:
         return registry.call(name, arguments, contexts[job_id], timeout_s, max_result_chars, enabled[job_id])
 
     return call
@@ -340,15 +463,16 @@ def registry_caller(
 def recorded_caller(spans: Sequence[TraceSpan]) -> ToolCaller:
     """A ToolCaller answering each call with the result its trace recorded, so a replay sees the same inputs."""
     recorded = {
-        (span.step, span.tool_call_id): ToolResult(span.tool_result or "", span.error_type)
+        (span.trajectory or 0, span.step, span.tool_call_id): ToolResult(span.tool_result or "", span.error_type)
         for span in spans
         if span.operation == "execute_tool"
     }
 
-    def call(job_id: str, step: int, tool_call_id: str, name: str, arguments: str) -> ToolResult:
-        found = recorded.get((step, tool_call_id))
+    def call(job_id: str, trajectory: int, step: int, tool_call_id: str, name: str, arguments: str) -> ToolResult:
+        found = recorded.get((trajectory, step, tool_call_id))
         if found is None:
-            return ToolResult(f"error: the trace has no result for call {tool_call_id} of step {step}", "not_recorded")
+            where = f"step {step}" + (f" of trajectory {trajectory}" if trajectory else "")
+            return ToolResult(f"error: the trace has no result for call {tool_call_id} of {where}", "not_recorded")
         return found
 
     return call

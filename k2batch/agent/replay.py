@@ -20,7 +20,15 @@ class StepComparison(msgspec.Struct, frozen=True):
     recorded_tokens: int
     replayed_tokens: int
     same: bool
-    """The same generated token ids."""
+    """The same generated token ids (a vote, which generates none: the same answer)."""
+    trajectory: int | None = 0
+    """Which trajectory of a heavy job; None: its aggregation."""
+
+    @property
+    def label(self) -> str:
+        if self.trajectory is None:
+            return f"aggregation step {self.step}"
+        return f"trajectory {self.trajectory} step {self.step}" if self.trajectory else f"step {self.step}"
 
 
 class ReplayReport(msgspec.Struct, frozen=True):
@@ -40,8 +48,9 @@ def _scan(output_uri: str, kind: str, config: BatchConfig) -> pl.LazyFrame:
 
 
 def recorded_spec(job_id: str, task: str | None, spans: list[TraceSpan]) -> EpisodeSpec:
-    """The episode as it started, from its step-0 chat span: conversation, tools, sampling, seed and budgets."""
-    first = next((s for s in spans if s.operation == "chat" and s.step == 0), None)
+    """The job as it started, from its (first trajectory's) step-0 chat span: conversation, tools, sampling, seed
+    and budgets; for a heavy job also its trajectories and how they were aggregated."""
+    first = next((s for s in spans if s.operation == "chat" and s.step == 0 and not s.trajectory), None)
     recorded = first and (
         first.input_messages,
         first.tool_definitions,
@@ -58,6 +67,8 @@ def recorded_spec(job_id: str, task: str | None, spans: list[TraceSpan]) -> Epis
         )
     messages, tools, budgets, temperature, top_p, top_k, seed = recorded
     schemas = json.loads(tools)
+    trajectories = {s.trajectory for s in spans if s.trajectory is not None}
+    aggregation = next((json.loads(s.aggregation) for s in spans if s.aggregation), {"method": "model"})
     return EpisodeSpec(
         job_id=job_id,
         task=task,
@@ -67,8 +78,10 @@ def recorded_spec(job_id: str, task: str | None, spans: list[TraceSpan]) -> Epis
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        seed=seed,  # step k samples with seed + k, as it did in the batch
+        seed=seed,  # step k samples with seed + k, as it did in the batch; other trajectories' seeds follow from it
         budgets=msgspec.json.decode(budgets, type=Budgets),
+        heavy=max(trajectories, default=0) + 1,
+        aggregation=aggregation["method"],
     )
 
 
@@ -86,17 +99,39 @@ def replay_job(output_uri: str, job_id: str, config: BatchConfig, engine: Engine
     spec = recorded_spec(job_id, result["task"][0], spans)
     engine = engine or Engine.from_pretrained(config.model, config.engine, config.storage.options)
     (outcome,) = run_episodes(engine, engine.tokenizer, [spec], recorded_caller(spans))
-    recorded = sorted((s for s in spans if s.operation == "chat"), key=lambda s: s.step)
-    replayed = [s for s in outcome.spans if s.operation == "chat"]
-    steps = [
-        StepComparison(
-            step=old.step,
-            recorded_tokens=len(old.output_token_ids or []),
-            replayed_tokens=len(new.output_token_ids or []) if new else 0,
-            same=new is not None and old.output_token_ids == new.output_token_ids,
+    return ReplayReport(job_id, compare(spans, outcome.spans), result["status"][0], outcome.result.status)
+
+
+def compare(recorded: list[TraceSpan], replayed: list[TraceSpan]) -> list[StepComparison]:
+    """Every generating span of the recording (each trajectory's chat steps, then the aggregation) against the
+    replay's span of the same trajectory and step; a step only one side has is a difference."""
+
+    def generating(spans: list[TraceSpan]) -> dict[tuple[int, int], TraceSpan]:
+        # The aggregation sorts after every trajectory.
+        return {
+            (1 << 30 if s.trajectory is None else s.trajectory, s.step): s
+            for s in spans
+            if s.operation in ("chat", "aggregate")
+        }
+
+    old, new = generating(recorded), generating(replayed)
+    comparisons = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key), new.get(key)
+        span = before or after
+        assert span is not None
+        if before is not None and after is not None:
+            tokens = before.output_token_ids is not None or after.output_token_ids is not None
+            same = before.output_token_ids == after.output_token_ids if tokens else before.content == after.content
+        else:
+            same = False
+        comparisons.append(
+            StepComparison(
+                step=span.step,
+                recorded_tokens=len(before.output_token_ids or []) if before else 0,
+                replayed_tokens=len(after.output_token_ids or []) if after else 0,
+                same=same,
+                trajectory=span.trajectory,
+            )
         )
-        for old, new in zip(recorded, replayed + [None] * (len(recorded) - len(replayed)), strict=False)
-    ]
-    if len(replayed) > len(recorded):
-        steps.append(StepComparison(len(recorded), 0, replayed[len(recorded)].output_tokens or 0, False))
-    return ReplayReport(job_id, steps, result["status"][0], outcome.result.status)
+    return comparisons

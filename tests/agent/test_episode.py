@@ -125,7 +125,7 @@ def test_control_tokens_written_by_users_and_tools_stay_text(scripted_engine):
     job = spec("inject")
     job = msgspec.structs.replace(job, messages=[job.messages[0], {"role": "user", "content": f"2+3? {injected}"}])
     (outcome,) = run_episodes(
-        engine, tokenizer, [job], lambda job_id, step, call_id, name, arguments: ToolResult(f"5 {injected}")
+        engine, tokenizer, [job], lambda job_id, trajectory, step, call_id, name, arguments: ToolResult(f"5 {injected}")
     )
     first, second = seen[0], seen[1]
     im_end, im_system = tokenizer.special_tokens["<|im_end|>"], tokenizer.special_tokens["<|im_system|>"]
@@ -211,10 +211,10 @@ def test_one_failing_episode_ends_alone_with_status_error(k2_checkpoint, monkeyp
     script_steps(engine, {":0": engine.tokenizer.encode_chat(CALLS), ":1": engine.tokenizer.encode_chat(ANSWER)})
     fine = caller(["ok1", "ok2", "tool-bug", "parse-bug"])
 
-    def flaky(job_id, step, tool_call_id, name, arguments):
+    def flaky(job_id, trajectory, step, tool_call_id, name, arguments):
         if job_id == "tool-bug" and name == "calculator":
             raise RuntimeError("caller broke")  # not a tool error: the ToolCaller itself fails
-        return fine(job_id, step, tool_call_id, name, arguments)
+        return fine(job_id, trajectory, step, tool_call_id, name, arguments)
 
     parse = episode.parse_assistant
 
@@ -257,7 +257,7 @@ def test_a_tool_call_runs_while_other_episodes_decode(k2_checkpoint):
 
     engine.step = counting_step
 
-    def blocking(job_id, step, tool_call_id, name, arguments):
+    def blocking(job_id, trajectory, step, tool_call_id, name, arguments):
         if name == "calculator":
             call_started.set()
             if not release.wait(timeout=20):
@@ -273,7 +273,7 @@ def test_a_tool_call_runs_while_other_episodes_decode(k2_checkpoint):
 
 
 def test_context_overflow_hides_earlier_tool_results(k2_checkpoint):
-    def long_first_results(job_id, step, tool_call_id, name, arguments):
+    def long_first_results(job_id, trajectory, step, tool_call_id, name, arguments):
         return ToolResult("word " * 100 if step == 0 else "ok")
 
     def run(context):
@@ -348,7 +348,7 @@ def test_episodes_finish_when_the_cache_cannot_hold_every_waiting_session(k2_che
     evicted and recomputed, and every episode ends exactly as with room for all."""
     jobs = [f"tight{i}" for i in range(6)]
 
-    def slow_caller(job_id, step, call_id, name, arguments):
+    def slow_caller(job_id, trajectory, step, call_id, name, arguments):
         time.sleep(0.05)
         return ToolResult("5")
 
