@@ -141,7 +141,9 @@ def run_episodes(
     stop_ids = tuple(tokenizer.special_tokens[t] for t in ("<|im_end|>",) if t in tokenizer.special_tokens)
     jobs = [_Job(spec) for spec in specs]
     by_request: dict[str, _Episode] = {}
-    waiting: set[_Episode] = set()
+    calls: dict[Future[ToolResult], _Episode] = {}
+    """Tool calls running, and whose they are."""
+    open_jobs = [len(jobs)]
 
     def finish(ep: _Episode, status: Status, error_type: str | None = None, message: str | None = None) -> None:
         if ep.request_id is not None:
@@ -170,11 +172,14 @@ def run_episodes(
         try:
             aggregate(ep.job)
         except Exception as error:  # the aggregation of one job must not end the shard
+            if ep.job.outcome is not None:
+                raise  # raised by on_done, after the job ended: the caller's own failure
             log.warning("job %s: the aggregation failed", ep.spec.job_id, exc_info=error)
             conclude_heavy(ep.job, None, None, ("error", "aggregation_error", f"{type(error).__name__}: {error}"))
 
     def conclude(job: _Job, outcome: EpisodeOutcome) -> None:
         job.outcome = outcome
+        open_jobs[0] -= 1
         if on_done is not None:
             on_done(outcome)
 
@@ -255,7 +260,6 @@ def run_episodes(
         if ep.result is not None:
             raise error  # raised by on_done, after the episode ended: the caller's own failure
         log.warning("job %s: step %d failed", ep.spec.job_id, ep.step, exc_info=error)
-        waiting.discard(ep)
         ep.pending.clear()  # calls still running are left to finish; their results are dropped
         finish(ep, "error", "episode_error", f"{type(error).__name__}: {error} ({ep.step} steps done)")
 
@@ -270,10 +274,11 @@ def run_episodes(
         ep.thinking = prompt.rstrip().endswith(THINK_BEGIN)  # the template opens the reasoning itself
         submit_step(ep, tokenizer.encode_chat(prompt), None)
 
-    def collect(ep: _Episode, done: list[Future[ToolResult]]) -> None:
-        for future in [f for f in done if f in ep.pending]:
-            call, position, start_ns = ep.pending.pop(future)
-            ep.tool_results[position] = (call, future.result(), start_ns, time.time_ns())
+    def collect(ep: _Episode, future: Future[ToolResult]) -> None:
+        if future not in ep.pending:  # the episode failed while the call ran: its result is dropped
+            return
+        call, position, start_ns = ep.pending.pop(future)
+        ep.tool_results[position] = (call, future.result(), start_ns, time.time_ns())
         if not ep.pending:
             on_tools_done(ep)
 
@@ -373,11 +378,10 @@ def run_episodes(
                 call_tool, ep.spec.job_id, ep.trajectory or 0, ep.step - 1, call.id, call.name, call.arguments
             )
             ep.pending[future] = (call, position, time.time_ns())
+            calls[future] = ep
             ep.tool_call_count += 1
-        waiting.add(ep)
 
     def on_tools_done(ep: _Episode) -> None:
-        waiting.discard(ep)
         before = render(tokenizer, ep.spec, ep.messages, False)
         step = ep.step - 1
         for position, (call, result, start_ns, end_ns) in enumerate(ep.tool_results):  # type: ignore[misc]
@@ -427,16 +431,17 @@ def run_episodes(
         for job in jobs:
             for ep in job.trajectories:  # in order: the first one's prompt blocks serve the others
                 guarded(ep, start)
-        while any(job.outcome is None for job in jobs):
-            futures = [f for ep in waiting for f in ep.pending]
+        while open_jobs[0]:
             if engine.has_unfinished():
+                running = list(calls)  # the calls of this step's outputs are seen next time round
                 for out in engine.step():
                     guarded(by_request.pop(out.request_id), on_output, out)
-                done = [f for f in futures if f.done()]
+                done = [f for f in running if f.done()]
             else:
-                done = list(wait(futures, return_when=FIRST_COMPLETED).done)
-            for ep in list(waiting):
-                guarded(ep, collect, done)
+                done = list(wait(list(calls), return_when=FIRST_COMPLETED).done)
+            for future in done:
+                ep = calls.pop(future)
+                guarded(ep, collect, future)
     return [job.outcome for job in jobs]  # type: ignore[misc]
 
 
